@@ -1,0 +1,116 @@
+"""The library's ops, each declared once as a ``torch.library`` custom op.
+
+``mas_local::abs_gemm_acc_``       Ω += α · |A|ᵀ|B|                 (hebbian Linear, global sample on 2-D input)
+``mas_local::per_sample_abs_acc_`` Ω += α · Σ_b |A_bᵀ B_b|          (sample estimators on sequences and convolutions)
+``mas_local::penalty_grad_``       grad += 2λΩ(θ−θ*), returns λΣΩ(θ−θ*)²   (the fused penalty)
+
+Each op validates its arguments, then runs the implementation that
+:func:`mas_local.backend.resolve` picks for the device and the ``backend``
+argument. Fake kernels let ``torch.compile`` trace through them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backend import resolve
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+PRECISIONS = ("accurate", "exact", "fast")
+
+
+def _check_omega(omega: Tensor, shape: tuple[int, ...], what: str) -> None:
+    if omega.dtype != torch.float32:
+        raise TypeError(f"{what}: omega must be float32, got {omega.dtype}")
+    if tuple(omega.shape) != shape:
+        raise ValueError(f"{what}: omega has shape {tuple(omega.shape)}, expected {shape}")
+
+
+def _check_operands(what: str, omega: Tensor, *operands: Tensor) -> None:
+    for t in operands:
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{what}: operands must be floating point, got {t.dtype}")
+        if t.device != omega.device:
+            raise ValueError(f"{what}: operand on {t.device} but omega on {omega.device}")
+
+
+@torch.library.custom_op("mas_local::abs_gemm_acc_", mutates_args=("omega",))
+def abs_gemm_acc_(
+    omega: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, backend: str = "auto", precision: str = "accurate"
+) -> None:
+    """``omega[out, in] += alpha * |a|ᵀ |b|`` for a ``[R, out]``, b ``[R, in]``; omega float32.
+
+    ``precision``: ``"accurate"`` (operands in their own dtype, fp32 operands may
+    use tf32 tensor cores), ``"exact"`` (full fp32), ``"fast"`` (fp8 operands on
+    GPUs that have them). The torch reference always computes exactly.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"abs_gemm_acc_: expected a [R, out] and b [R, in], got {tuple(a.shape)} and {tuple(b.shape)}")
+    _check_omega(omega, (a.shape[1], b.shape[1]), "abs_gemm_acc_")
+    _check_operands("abs_gemm_acc_", omega, a, b)
+    if precision not in PRECISIONS:
+        raise ValueError(f"abs_gemm_acc_: precision must be one of {PRECISIONS}, got {precision!r}")
+    _, impl = resolve("abs_gemm_acc", omega.device, backend)
+    impl(omega, a, b, alpha, precision)
+
+
+@abs_gemm_acc_.register_fake
+def _(omega, a, b, alpha=1.0, backend="auto", precision="accurate"):
+    return None
+
+
+@torch.library.custom_op("mas_local::per_sample_abs_acc_", mutates_args=("omega",))
+def per_sample_abs_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, backend: str = "auto") -> None:
+    """``omega[out, in] += alpha * Σ_b |a_bᵀ b_b|`` for a ``[B, T, out]``, b ``[B, T, in]``; omega float32."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[:2] != b.shape[:2]:
+        raise ValueError(
+            f"per_sample_abs_acc_: expected a [B, T, out] and b [B, T, in], got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    _check_omega(omega, (a.shape[2], b.shape[2]), "per_sample_abs_acc_")
+    _check_operands("per_sample_abs_acc_", omega, a, b)
+    _, impl = resolve("per_sample_abs_acc", omega.device, backend)
+    impl(omega, a, b, alpha)
+
+
+@per_sample_abs_acc_.register_fake
+def _(omega, a, b, alpha=1.0, backend="auto"):
+    return None
+
+
+@torch.library.custom_op("mas_local::penalty_grad_", mutates_args=("grads",))
+def penalty_grad_(
+    grads: list[Tensor],
+    params: list[Tensor],
+    anchors: list[Tensor],
+    omegas: list[Tensor],
+    lam: float,
+    backend: str = "auto",
+) -> Tensor:
+    """``grad += 2λ Ω (θ − θ*)`` for each tensor; returns ``λ Σ Ω (θ − θ*)²`` (0-d float32).
+
+    Ω may be float32 or bfloat16; θ* has θ's dtype; grads have θ's shape.
+    """
+    n = len(params)
+    if not (len(grads) == len(anchors) == len(omegas) == n):
+        raise ValueError("penalty_grad_: grads, params, anchors and omegas must have the same length")
+    if n == 0:
+        return torch.zeros((), dtype=torch.float32)
+    for i, (g, p, a, o) in enumerate(zip(grads, params, anchors, omegas)):
+        if not (g.shape == p.shape == a.shape == o.shape):
+            raise ValueError(
+                f"penalty_grad_: tensor {i} has mismatched shapes grad {tuple(g.shape)}, param {tuple(p.shape)}, "
+                f"anchor {tuple(a.shape)}, omega {tuple(o.shape)}"
+            )
+        if not (g.device == p.device == a.device == o.device == params[0].device):
+            raise ValueError(f"penalty_grad_: tensor {i} is not on one device with the others")
+        if o.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"penalty_grad_: omega {i} must be float32 or bfloat16, got {o.dtype}")
+    _, impl = resolve("penalty_grad", params[0].device, backend)
+    return impl(grads, params, anchors, omegas, lam)
+
+
+@penalty_grad_.register_fake
+def _(grads, params, anchors, omegas, lam, backend="auto"):
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty((), dtype=torch.float32, device=device)
