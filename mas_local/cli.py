@@ -1,0 +1,136 @@
+"""Command line: ``mas-local compare [options]`` (also ``python -m mas_local compare``)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+
+DESCRIPTION = """\
+Compare global and local (Hebbian) MAS with fine-tuning and joint training on a
+sequence of tasks built from scikit-learn's handwritten digits (no download).
+Each MAS method's λ is chosen per task from --lam-grid on the validation split of
+the tasks seen so far. Writes results.json and PNG plots to --out and prints a table.
+See docs/compare.md for the protocol and how to read the outputs."""
+
+
+def _csv(kind):
+    def parse(text: str):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}s, got {text!r}")
+        return items
+
+    return parse
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    vals = []
+    for item in _csv("number")(text):
+        try:
+            v = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number (expected e.g. 0.1,1,10)") from None
+        if not math.isfinite(v) or v < 0:
+            raise argparse.ArgumentTypeError(f"λ must be finite and >= 0, got {item!r}")
+        vals.append(v)
+    return tuple(vals)
+
+
+def _positive_int(name: str, minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {v}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .compare import BENCHMARKS, DEFAULT_LAM_GRID, METHODS, MODELS
+
+    parser = argparse.ArgumentParser(prog="mas-local", description="mas-local: Memory Aware Synapses for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser(
+        "compare",
+        help="compare global and local MAS on a digits task sequence",
+        description=DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("--seeds", type=_positive_int("--seeds"), default=3,
+                   help="number of seeds (0..N-1); each seed has its own data split, permutations and initial weights")
+    c.add_argument("--tasks", type=_positive_int("--tasks", 2), default=5,
+                   help="number of tasks in the sequence (>= 2; at most 5 for --benchmark split)")
+    c.add_argument("--epochs", type=_positive_int("--epochs"), default=5, help="training epochs per task")
+    c.add_argument("--model", choices=MODELS, default="mlp",
+                   help="mlp: 64-128-128-head; cnn: two 3x3 convs on the 8x8 image, a 128 linear layer and the head")
+    c.add_argument("--benchmark", choices=BENCHMARKS, default="permuted",
+                   help="permuted: fixed pixel permutation per task, shared 10-way head; split: digit pairs "
+                        "(0/1, 2/3, ...) with one head per task; rotated: rotations evenly spaced in [0, 90] degrees")
+    c.add_argument("--lam-grid", type=_float_list, default=DEFAULT_LAM_GRID, metavar="L1,L2,...",
+                   help="candidate penalty strengths λ (comma-separated, >= 0); each MAS method picks one per task "
+                        "on the validation split of the tasks seen so far")
+    c.add_argument("--methods", type=_csv("method"), default=list(METHODS), metavar="M1,M2,...",
+                   help=f"methods to run (comma-separated) from: {', '.join(METHODS)}")
+    c.add_argument("--out", default="runs/compare", help="output folder for results.json and the PNG plots")
+    c.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
+    c.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32, help="training batch size")
+    c.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    c.add_argument("--no-plots", action="store_true", help="skip the PNG plots (results.json and the table only)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
+    parser.compare_parser = c  # its error() prints the compare usage
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        parser.exit(2, "\nmas-local: error: choose a command (e.g. `mas-local compare --help`)\n")
+    if args.command == "compare":
+        return _compare(args, parser)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .compare import Config, run, table
+
+    cfg = Config(
+        seeds=args.seeds,
+        tasks=args.tasks,
+        epochs=args.epochs,
+        model=args.model,
+        benchmark=args.benchmark,
+        lam_grid=tuple(args.lam_grid),
+        methods=tuple(args.methods),
+        out=args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        quiet=args.quiet,
+        plots=not args.no_plots,
+    )
+    sub = parser.compare_parser
+    try:
+        cfg.validate()
+    except (ValueError, RuntimeError) as exc:
+        sub.error(str(exc))
+    t0 = time.perf_counter()
+    try:
+        results = run(cfg)
+    except RuntimeError as exc:
+        if "core library is missing" in str(exc):
+            sub.error(str(exc))
+        raise
+    print(table(results))
+    files = ["results.json"] + [p.rsplit("/", 1)[-1] for p in results.get("plots", [])]
+    print(f"wrote {', '.join(files)} to {cfg.out} in {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,121 @@
+"""Continual-learning metrics on an accuracy matrix, and a rank correlation.
+
+The accuracy matrix ``R`` of a run over ``T`` tasks is ``T × T``: ``R[i, j]`` is
+the test accuracy on task ``j`` after training on tasks ``0..i`` (row ``i`` is
+measured right after task ``i``). Entries above the diagonal (tasks not trained
+yet) are measured too but no metric here reads them.
+
+All functions are pure: numpy in, Python floats or numpy arrays out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _matrix(acc) -> np.ndarray:
+    r = np.asarray(acc, dtype=np.float64)
+    if r.ndim != 2 or r.shape[0] != r.shape[1] or r.shape[0] < 1:
+        raise ValueError(f"accuracy matrix must be square T x T with T >= 1, got shape {r.shape}")
+    return r
+
+
+def average_accuracy(acc) -> float:
+    """Mean accuracy over all tasks after the last one: ``(1/T) Σ_j R[T-1, j]``."""
+    r = _matrix(acc)
+    return float(r[-1].mean())
+
+
+def backward_transfer(acc) -> float:
+    """BWT (Lopez-Paz & Ranzato, 2017): ``1/(T-1) Σ_{j<T-1} (R[T-1, j] − R[j, j])``.
+
+    Negative values mean forgetting. ``nan`` for a single task.
+    """
+    r = _matrix(acc)
+    t = r.shape[0]
+    if t < 2:
+        return math.nan
+    return float(np.mean([r[-1, j] - r[j, j] for j in range(t - 1)]))
+
+
+def forgetting(acc) -> float:
+    """Average forgetting (Chaudhry et al., 2018): ``1/(T-1) Σ_{j<T-1} max_{l∈[j,T-2]} R[l, j] − R[T-1, j]``.
+
+    The drop from the best accuracy a task ever had (after it was learnt) to its
+    final accuracy; negative only when a task ends better than it ever was. ``nan`` for a single task.
+    """
+    r = _matrix(acc)
+    t = r.shape[0]
+    if t < 2:
+        return math.nan
+    return float(np.mean([r[j : t - 1, j].max() - r[-1, j] for j in range(t - 1)]))
+
+
+def learning_accuracy(acc) -> float:
+    """Mean accuracy on each task right after learning it: ``(1/T) Σ_j R[j, j]`` (plasticity)."""
+    r = _matrix(acc)
+    return float(np.mean(np.diag(r)))
+
+
+def seen_task_accuracy(acc) -> np.ndarray:
+    """Row means over the tasks seen so far: entry ``i`` is ``(1/(i+1)) Σ_{j≤i} R[i, j]``."""
+    r = _matrix(acc)
+    return np.array([r[i, : i + 1].mean() for i in range(r.shape[0])])
+
+
+def summarize(acc) -> dict[str, float]:
+    """All scalar metrics of one accuracy matrix."""
+    return {
+        "avg_acc": average_accuracy(acc),
+        "bwt": backward_transfer(acc),
+        "forgetting": forgetting(acc),
+        "learning_acc": learning_accuracy(acc),
+    }
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and population standard deviation (``ddof=0``; 0 for one value), ignoring nothing."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"mean": math.nan, "std": math.nan}
+    return {"mean": float(v.mean()), "std": float(v.std())}
+
+
+def rankdata(x) -> np.ndarray:
+    """Ranks ``1..n`` of a 1-D array, ties get the average of their ranks (like scipy's ``"average"``)."""
+    a = np.asarray(x, dtype=np.float64).ravel()
+    n = a.size
+    if n == 0:
+        return np.zeros(0)
+    order = np.argsort(a, kind="mergesort")
+    sorted_a = a[order]
+    # start of each run of equal values in sorted order
+    new_run = np.r_[True, sorted_a[1:] != sorted_a[:-1]]
+    run_id = np.cumsum(new_run) - 1  # run index of each sorted position
+    starts = np.flatnonzero(new_run)
+    ends = np.r_[starts[1:], n]  # exclusive
+    avg_rank = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(n)
+    ranks[order] = avg_rank[run_id]
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation of two equally long arrays (Pearson correlation of their average ranks).
+
+    ``nan`` when either array is constant (its ranks have zero variance) or has fewer than 2 elements.
+    """
+    rx, ry = rankdata(x), rankdata(y)
+    if rx.size != ry.size:
+        raise ValueError(f"spearman: arrays differ in length ({rx.size} vs {ry.size})")
+    if rx.size < 2:
+        return math.nan
+    rx = rx - rx.mean()
+    ry = ry - ry.mean()
+    den = math.sqrt(float((rx * rx).sum()) * float((ry * ry).sum()))
+    if den == 0.0:
+        return math.nan
+    return float((rx * ry).sum() / den)

@@ -1,0 +1,139 @@
+"""PNG plots of ``mas-local compare`` (matplotlib, Agg backend, imported only here)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+FILES = ("accuracy_matrices.png", "task1_accuracy.png", "importance_global_vs_local.png")
+_EST_ORDER = ("global-sample", "global-batch", "local-hebbian", "local-sample")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_matrices(results: dict, path: str) -> str:
+    """Mean test-accuracy matrix of every method, side by side."""
+    plt = _plt()
+    methods = list(results["methods"])
+    n = len(methods)
+    t = len(results["tasks"])
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.8, 3.0), squeeze=False)
+    im = None
+    for ax, m in zip(axes[0], methods):
+        mat = np.array(results["methods"][m]["acc_matrix_mean"], dtype=float) * 100
+        im = ax.imshow(mat, vmin=0, vmax=100, cmap="viridis")
+        for i in range(t):
+            for j in range(t):
+                v = mat[i, j]
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < 60 else "black")
+        s = results["methods"][m]["summary"]["avg_acc"]
+        ax.set_title(f"{m}\navg {s['mean'] * 100:.1f}%", fontsize=9)
+        ax.set_xticks(range(t), [str(j + 1) for j in range(t)], fontsize=7)
+        ax.set_yticks(range(t), [str(i + 1) for i in range(t)], fontsize=7)
+        ax.set_xlabel("evaluated on task", fontsize=8)
+    axes[0][0].set_ylabel("after training task", fontsize=8)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="test accuracy %")
+    fig.suptitle("Accuracy matrices (mean over seeds)", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def task1_accuracy(results: dict, path: str) -> str:
+    """Test accuracy on task 1 after each task, mean ± std over seeds, one line per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for m, r in results["methods"].items():
+        mean = np.array(r["task1_curve_mean"], dtype=float) * 100
+        std = np.array(r["task1_curve_std"], dtype=float) * 100
+        x = np.arange(1, len(mean) + 1)
+        ax.plot(x, mean, marker="o", ms=3, label=m)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("accuracy on task 1 (%)")
+    ax.set_xticks(range(1, len(results["tasks"]) + 1))
+    ax.set_title("Remembering task 1", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def importance_comparison(results: dict, importance: list[dict], path: str) -> str:
+    """Spearman ρ of Ω per layer for the estimator pairs (top) and log10 Ω histograms per weight (bottom)."""
+    plt = _plt()
+    imp = results.get("importance_comparison")
+    if not imp or not importance:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no MAS method was run: no importance to compare", ha="center", va="center")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+    first = importance[0]
+    weights = [p for p in first["params"] if p.endswith("weight")] or list(first["params"])
+    params = list(first["params"])
+    ncol = max(2, len(weights))
+    fig = plt.figure(figsize=(3.0 * ncol, 6.4))
+    gs = fig.add_gridspec(2, ncol, height_ratios=[1.0, 1.0], hspace=0.55)
+    ax = fig.add_subplot(gs[0, :])
+    pairs = list(imp["spearman"])
+    width = 0.8 / max(1, len(pairs))
+    x = np.arange(len(params))
+    for k, pair in enumerate(pairs):
+        vals = [imp["spearman"][pair].get(p, {"mean": None, "std": None}) for p in params]
+        mean = [v["mean"] if v["mean"] is not None else np.nan for v in vals]
+        std = [v["std"] if v["std"] is not None else 0.0 for v in vals]
+        ax.bar(x + (k - (len(pairs) - 1) / 2) * width, mean, width, yerr=std, label=pair, capsize=2)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xticks(x, params, rotation=20, fontsize=7, ha="right")
+    ax.set_ylim(-1, 1)
+    ax.set_ylabel("Spearman ρ of Ω")
+    ax.set_title("Rank agreement of the estimators per parameter tensor (model after task 1, mean ± std over seeds)",
+                 fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    for c, p in enumerate(weights[:ncol]):
+        hx = fig.add_subplot(gs[1, c])
+        for est in _EST_ORDER:
+            om = first["omegas"].get(est, {}).get(p)
+            if om is None:
+                continue
+            pos = om[om > 0]
+            if pos.size == 0:
+                continue
+            zeros = 1.0 - pos.size / max(1, om.size)
+            label = est + (f" ({zeros:.0%} zero)" if zeros > 0.005 else "")
+            hx.hist(np.log10(pos), bins=40, histtype="step", label=label, density=True)
+        hx.set_title(p, fontsize=8)
+        hx.set_xlabel("log10 Ω", fontsize=8)
+        hx.tick_params(labelsize=7)
+        if c == 0:
+            hx.set_ylabel("density (seed 0)", fontsize=8)
+        hx.legend(fontsize=6)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_all(results: dict, importance: list[dict], out: str) -> list[str]:
+    """Write the three PNGs into ``out``; returns their paths."""
+    os.makedirs(out, exist_ok=True)
+    paths = [
+        accuracy_matrices(results, os.path.join(out, FILES[0])),
+        task1_accuracy(results, os.path.join(out, FILES[1])),
+        importance_comparison(results, importance, os.path.join(out, FILES[2])),
+    ]
+    return paths
+
+
+__all__ = ["FILES", "write_all", "accuracy_matrices", "task1_accuracy", "importance_comparison"]
