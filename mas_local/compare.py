@@ -158,8 +158,11 @@ class Config:
             raise ValueError("batch sizes must be at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        dev = torch.device(self.device)  # raises RuntimeError on garbage
-        if dev.type not in ("cpu", "cuda"):
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
