@@ -125,8 +125,11 @@ def local(model: nn.Module, batches, estimator: str) -> dict[str, torch.Tensor]:
             for mod, args, kwargs in calls:
                 own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
                 sl = slice(rows.start, rows.stop)
-                a = tuple(t[sl] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == b else t for t in args)
-                kw = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == b else v) for k, v in kwargs.items()}
+                def cut(t, sl=sl, b=b):
+                    return t[sl] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == b else t
+
+                a = tuple(cut(t) for t in args)
+                kw = {k: cut(v) for k, v in kwargs.items()}
                 y = _module_out(mod, a, kw)
                 grads = torch.autograd.grad(0.5 * y.double().pow(2).sum(), own, allow_unused=True)
                 for p, g in zip(own, grads):
