@@ -16,10 +16,10 @@ build: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: build
-	$(VENV)/bin/mas-local compare
+	$(PY) examples/two_tasks.py
 
 test: build
-	$(PY) -m ruff check mas_local kernels tests bench
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 
 bench: build

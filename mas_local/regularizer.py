@@ -1,0 +1,202 @@
+"""The MAS regulariser: importance accumulated over tasks and the penalty λ Σ Ω (θ − θ*)²."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .importance import DEFAULT_CHUNK_BYTES, Estimator, resolve_mode, run_pass
+
+ACCUMULATE = ("sum", "ema")
+_STATE_VERSION = 1
+
+
+class MAS:
+    """Memory Aware Synapses for one model across a sequence of tasks.
+
+    After each task call :meth:`consolidate` with that task's data: it estimates
+    the task's Ω, adds it to the running importance (``accumulate="sum"``, as the
+    paper) or blends it (``"ema"``: Ω ← αΩ_old + (1−α)Ω_new), and snapshots the
+    parameters as θ*. While training later tasks, add :meth:`penalty` to the loss,
+    or call :meth:`add_penalty_grad_` after ``loss.backward()`` (fused, no graph).
+
+    Parameters with ``requires_grad=False`` when MAS is created are not
+    regularised; their names are in :attr:`skipped`. Tied parameters appear once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lam: float = 1.0,
+        mode: str = "global",
+        estimator: str | None = None,
+        accumulate: str = "sum",
+        alpha: float = 0.5,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        backend: str = "auto",
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not (isinstance(lam, (int, float)) and float(lam) >= 0 and torch.isfinite(torch.tensor(float(lam)))):
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if accumulate not in ACCUMULATE:
+            raise ValueError(f"unknown accumulate {accumulate!r}; expected one of {ACCUMULATE}")
+        if not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        self.model = model
+        self.lam = float(lam)
+        self.mode, self.estimator = resolve_mode(mode, estimator)
+        self.accumulate = accumulate
+        self.alpha = float(alpha)
+        self.output_fn = output_fn
+        self.backend = backend
+        self.chunk_bytes = chunk_bytes
+        self.progress = progress
+        self.params: dict[str, nn.Parameter] = {}
+        self.skipped: list[str] = []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.params[name] = p
+            else:
+                self.skipped.append(name)
+        self.importance: dict[str, Tensor] = {}
+        self.anchors: dict[str, Tensor] = {}
+        self.num_tasks = 0
+
+    # ---------------------------------------------------------------- consolidation
+    def estimator_for_pass(self) -> Estimator:
+        """A fresh :class:`~mas_local.importance.Estimator` configured like this MAS."""
+        return Estimator(self.model, self.mode, self.estimator, self.output_fn, self.backend, self.chunk_bytes)
+
+    def consolidate(
+        self, data: Iterable[Any], *, eval_mode: bool = True, max_batches: int | None = None
+    ) -> dict[str, Tensor]:
+        """Estimate this task's Ω on ``data``, accumulate it, snapshot θ*; returns the task's Ω.
+
+        Nothing changes if estimation fails.
+        """
+        est = self.estimator_for_pass()
+        run_pass(est, data, eval_mode=eval_mode, progress=self.progress, max_batches=max_batches)
+        return self.commit(est.result())
+
+    def commit(self, task_omega: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Accumulate an already estimated task Ω (e.g. merged across processes) and snapshot θ*."""
+        missing = set(self.params) - set(task_omega)
+        if missing:
+            raise ValueError(f"task importance lacks parameters: {sorted(missing)}")
+        for name, p in self.params.items():
+            if task_omega[name].shape != p.shape:
+                raise ValueError(
+                    f"task importance for {name!r} has shape {tuple(task_omega[name].shape)}, "
+                    f"parameter has {tuple(p.shape)}"
+                )
+        new = {}
+        for name, p in self.params.items():
+            omega = task_omega[name].detach().to(device=p.device, dtype=torch.float32)
+            if self.num_tasks == 0 or name not in self.importance:
+                new[name] = omega.clone()
+            elif self.accumulate == "sum":
+                new[name] = self.importance[name] + omega
+            else:
+                new[name] = self.alpha * self.importance[name] + (1.0 - self.alpha) * omega
+        self.importance = new
+        self.anchors = {name: p.detach().clone() for name, p in self.params.items()}
+        self.num_tasks += 1
+        return task_omega
+
+    # ---------------------------------------------------------------- the penalty
+    def _terms(self):
+        for name, p in self.params.items():
+            if name in self.importance:
+                yield name, p, self.anchors[name], self.importance[name]
+
+    def penalty(self) -> Tensor:
+        """``λ Σ Ω (θ − θ*)²`` as a differentiable scalar (0 before the first consolidation)."""
+        device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        total = torch.zeros((), device=device, dtype=torch.float32)
+        for _, p, anchor, omega in self._terms():
+            total = total + (omega * (p.float() - anchor.float()).pow(2)).sum()
+        return self.lam * total
+
+    def add_penalty_grad_(self) -> Tensor:
+        """Add ``2λΩ(θ−θ*)`` to each parameter's ``.grad`` (created if ``None``); returns the penalty value.
+
+        Call after ``loss.backward()`` of the task loss; one fused op over all
+        parameters, no autograd graph.
+        """
+        terms = list(self._terms())
+        if not terms:
+            device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+            return torch.zeros((), device=device)
+        for _, p, _, _ in terms:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        with torch.no_grad():
+            return ops.penalty_grad_(
+                [p.grad for _, p, _, _ in terms],
+                [p.detach() for _, p, _, _ in terms],
+                [a for _, _, a, _ in terms],
+                [o for _, _, _, o in terms],
+                self.lam,
+                self.backend,
+            )
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Importance, θ* and settings; tensors only, so it loads with ``torch.load(weights_only=True)``."""
+        return {
+            "version": _STATE_VERSION,
+            "mode": self.mode,
+            "estimator": self.estimator,
+            "accumulate": self.accumulate,
+            "alpha": self.alpha,
+            "lam": self.lam,
+            "num_tasks": self.num_tasks,
+            "importance": {k: v.detach().clone() for k, v in self.importance.items()},
+            "anchors": {k: v.detach().clone() for k, v in self.anchors.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`; refuses a state from another model (names, shapes)."""
+        if not isinstance(state, dict) or "importance" not in state or "anchors" not in state:
+            raise ValueError("not a MAS state dict (missing 'importance'/'anchors')")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported MAS state version {state.get('version')!r}; expected {_STATE_VERSION}")
+        num_tasks = int(state.get("num_tasks", 0))
+        importance, anchors = state["importance"], state["anchors"]
+        if num_tasks > 0 or importance or anchors:
+            expected = set(self.params)
+            for what, table in (("importance", importance), ("anchors", anchors)):
+                got = set(table)
+                if got != expected:
+                    raise ValueError(
+                        f"MAS state does not match this model: {what} has unexpected parameters "
+                        f"{sorted(got - expected)[:10]} and lacks {sorted(expected - got)[:10]}"
+                    )
+                for name, p in self.params.items():
+                    t = table[name]
+                    if not isinstance(t, Tensor) or t.shape != p.shape:
+                        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                        raise ValueError(
+                            f"MAS state does not match this model: {what}[{name!r}] has shape {shape}, "
+                            f"the parameter has {tuple(p.shape)}"
+                        )
+                    if not torch.isfinite(t.float()).all():
+                        raise ValueError(f"MAS state has NaN/Inf values in {what}[{name!r}]")
+        mode, estimator = resolve_mode(state.get("mode", self.mode), state.get("estimator", self.estimator))
+        self.importance = {
+            k: importance[k].detach().to(self.params[k].device, torch.float32).clone() for k in importance
+        }
+        self.anchors = {k: anchors[k].detach().to(self.params[k].device, self.params[k].dtype).clone() for k in anchors}
+        self.mode, self.estimator = mode, estimator
+        self.accumulate = state.get("accumulate", self.accumulate)
+        self.alpha = float(state.get("alpha", self.alpha))
+        self.lam = float(state.get("lam", self.lam))
+        self.num_tasks = num_tasks

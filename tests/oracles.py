@@ -1,0 +1,178 @@
+"""Brute-force oracles: Python loops over single samples with torch.autograd.grad.
+
+They share no code with mas_local.importance: each definition of DESIGN.md §1
+is written out literally, one sample (or one batch) at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _out(model, x):
+    y = model(x) if not isinstance(x, dict) else model(**x)
+    if hasattr(y, "logits"):
+        y = y.logits
+    if isinstance(y, tuple):
+        y = y[0]
+    return y
+
+
+def _slice(x, k):
+    if isinstance(x, dict):
+        return {key: v[k : k + 1] for key, v in x.items()}
+    return x[k : k + 1]
+
+
+def _size(x):
+    return next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+
+
+def trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def global_sample(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Ω = 1/N Σ_k |∂‖f(x_k)‖²/∂θ|, one sample at a time."""
+    named = trainable(model)
+    acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
+    total = 0
+    for x in batches:
+        for k in range(_size(x)):
+            y = _out(model, _slice(x, k))
+            grads = torch.autograd.grad(y.double().pow(2).sum(), [p for _, p in named], allow_unused=True)
+            for (n, _), g in zip(named, grads):
+                if g is not None:
+                    acc[n] += g.double().abs()
+            total += 1
+    return {n: v / total for n, v in acc.items()}
+
+
+def global_batch_official(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """The official MAS code: a running mean over samples of |∂ Σ_{k∈B}‖f‖² / ∂θ| weighted per batch.
+
+    It keeps ``omega = (omega * seen + |g_B|) / (seen + b)``-style updates; written
+    here as that running update, which equals 1/N Σ_B |g_B|.
+    """
+    named = trainable(model)
+    omega = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
+    seen = 0
+    for x in batches:
+        b = _size(x)
+        y = _out(model, x)
+        grads = torch.autograd.grad(y.double().pow(2).sum(), [p for _, p in named], allow_unused=True)
+        for (n, _), g in zip(named, grads):
+            g = torch.zeros_like(omega[n]) if g is None else g.double().abs()
+            omega[n] = (omega[n] * seen + g) / (seen + b)
+        seen += b
+    return omega
+
+
+def global_batch_avalanche(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Avalanche's MASPlugin: (1/#batches) Σ_B |∂ mean_{k∈B}‖f(x_k)‖² / ∂θ|."""
+    named = trainable(model)
+    omega = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
+    count = 0
+    for x in batches:
+        y = _out(model, x)
+        loss = y.double().pow(2).flatten(1).sum(1).mean()
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        for (n, _), g in zip(named, grads):
+            if g is not None:
+                omega[n] += g.double().abs()
+        count += 1
+    return {n: v / count for n, v in omega.items()}
+
+
+def _record_calls(model, x):
+    """Run the model once; return [(module, args)] for each call of a module owning parameters."""
+    calls = []
+    hooks = []
+    for m in model.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            hooks.append(m.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw)), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            _out(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _module_out(mod, args, kwargs):
+    y = mod(*args, **kwargs)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def local(model: nn.Module, batches, estimator: str) -> dict[str, torch.Tensor]:
+    """Local sample/batch: |∂(½‖y‖²)/∂θ| of each module's own output, per sample or per batch.
+
+    Per-sample gradients of a parameter used at several calls are summed over the
+    calls before the absolute value.
+    """
+    named = dict(trainable(model))
+    ids = {id(p): n for n, p in named.items()}
+    acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named.items()}
+    total = 0
+    for x in batches:
+        calls = _record_calls(model, x)
+        b = _size(x)
+        groups = [range(k, k + 1) for k in range(b)] if estimator == "sample" else [range(b)]
+        for rows in groups:
+            g_sum = {}
+            for mod, args, kwargs in calls:
+                own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
+                sl = slice(rows.start, rows.stop)
+                def cut(t, sl=sl, b=b):
+                    return t[sl] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == b else t
+
+                a = tuple(cut(t) for t in args)
+                kw = {k: cut(v) for k, v in kwargs.items()}
+                y = _module_out(mod, a, kw)
+                grads = torch.autograd.grad(0.5 * y.double().pow(2).sum(), own, allow_unused=True)
+                for p, g in zip(own, grads):
+                    if g is not None:
+                        g_sum[id(p)] = g_sum.get(id(p), 0) + g.double()
+            for pid, g in g_sum.items():
+                acc[ids[pid]] += g.abs()
+        total += b
+    return {n: v / total for n, v in acc.items()}
+
+
+def hebbian_linear(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ω_ij = 1/R Σ_r |y_ri||x_rj| and Ω_i = 1/R Σ_r |y_ri|, by an explicit loop over rows."""
+    x2, y2 = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+    w = torch.zeros(y2.shape[1], x2.shape[1], dtype=torch.float64)
+    for r in range(x2.shape[0]):
+        w += torch.outer(y2[r].abs(), x2[r].abs())
+    return w / x2.shape[0], y2.abs().sum(0) / x2.shape[0]
+
+
+def hebbian_conv2d(x: torch.Tensor, y: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Ω[o,c,u,v] = 1/R Σ_{k,p} |y_k,o(p)| |x_k,c(p·s + u·d − pad)| with explicit loops (zero padding)."""
+    n, _, h, w = x.shape
+    _, o_ch, ho, wo = y.shape
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    ph, pw = conv.padding
+    g = conv.groups
+    cin_g, out_g = conv.in_channels // g, o_ch // g
+    omega = torch.zeros(o_ch, cin_g, kh, kw, dtype=torch.float64)
+    xa, ya = x.double().abs(), y.double().abs()
+    for o in range(o_ch):
+        grp = o // out_g
+        for c in range(cin_g):
+            ci = grp * cin_g + c
+            for u in range(kh):
+                for v in range(kw):
+                    s = 0.0
+                    for i in range(ho):
+                        for j in range(wo):
+                            r, q = i * sh + u * dh - ph, j * sw + v * dw - pw
+                            if 0 <= r < h and 0 <= q < w:
+                                s += (ya[:, o, i, j] * xa[:, ci, r, q]).sum().item()
+                    omega[o, c, u, v] = s
+    return omega / (n * ho * wo)

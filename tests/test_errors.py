@@ -1,0 +1,158 @@
+"""Bad input gets a clear error and changes nothing; backend dispatch."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import mas_local as ml
+from mas_local import backend as bk
+from tests.models import MLP
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, model.training
+
+
+def _unchanged(model, snap):
+    params, training = snap
+    assert model.training == training
+    assert all(torch.equal(params[n], p) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ([], "no batches"),
+        ([torch.randn(3, 13), torch.full((2, 13), float("inf"))], "NaN or Inf"),
+        ([torch.randn(3, 13, dtype=torch.float64)], "dtype torch.float64"),
+        ([torch.randn(3, 13).to("meta")], "is on meta"),
+        ([torch.randn(13)], "no batch dimension"),
+        (torch.randn(3, 13), "iterable of batches"),
+        ([3.0], "batch must"),
+    ],
+    ids=["empty", "inf", "dtype", "device", "no-batch-dim", "single-tensor", "not-a-batch"],
+)
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_bad_data(data, match, mode):
+    model = MLP().train()
+    snap = _snapshot(model)
+    with pytest.raises((ml.ImportanceError, TypeError, ValueError), match=match):
+        ml.compute_importance(model, data, mode=mode, progress=False)
+    _unchanged(model, snap)
+
+
+def test_output_without_batch_dimension():
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x).sum()
+
+    with pytest.raises(ml.ImportanceError, match="no batch dimension"):
+        ml.compute_importance(Scalar(), [torch.randn(5, 4)], progress=False)
+
+
+def test_nan_importance_names_the_parameter():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(ml.ImportanceError, match="NaN or Inf"):
+        ml.compute_importance(model, [torch.randn(5, 4)], progress=False)
+
+
+def test_nan_in_omega_names_parameter():
+    # finite output (4e19), but |Δ|ᵀ|x| = 8e19 · 1e20 overflows float32 in the weight's Ω
+    model = nn.Sequential(nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(0.1)
+        model[0].bias.fill_(0)
+    x = torch.full((3, 4), 1e20)
+    with pytest.raises(ml.ImportanceError, match=r"'0\.weight'"):
+        ml.compute_importance(model, [x], progress=False)
+
+
+def test_batchnorm_in_train_mode_is_refused_for_sample():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).train()
+    with pytest.raises(ml.ImportanceError, match="mixes the samples"):
+        ml.compute_importance(model, [torch.randn(5, 4)], eval_mode=False, progress=False)
+    # the batch estimator is defined for it
+    imp = ml.compute_importance(model, [torch.randn(5, 4)], estimator="batch", eval_mode=False, progress=False)
+    assert set(imp) == {n for n, _ in model.named_parameters()}
+    assert model.training
+
+
+def test_parameter_used_outside_its_module_is_reported():
+    class Outside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.scale = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.lin(x), self.scale.weight)  # scale's forward never runs
+
+    with pytest.raises(ml.ImportanceError, match=r"scale\.weight"):
+        ml.compute_importance(Outside(), [torch.randn(5, 4)], progress=False)
+    imp = ml.compute_importance(Outside(), [torch.randn(5, 4)], estimator="batch", progress=False)
+    assert imp["scale.weight"].sum() > 0
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="unknown mode"):
+        ml.compute_importance(MLP(), [torch.randn(2, 13)], mode="glob")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        ml.compute_importance(MLP(), [torch.randn(2, 13)], mode="local", estimator="fisher")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ml.compute_importance(MLP(), [torch.randn(2, 13)], backend="cuda", progress=False)
+
+
+def test_forced_missing_backend_raises_clearly(monkeypatch):
+    missing = [b for b in ("triton", "ext") if bk.unavailable_reason(b, "cpu") is not None]
+    if not missing:
+        pytest.skip("every backend is present on CPU in this environment")
+    with pytest.raises(ml.BackendUnavailableError, match=missing[0]):
+        ml.compute_importance(MLP(), [torch.randn(2, 13)], backend=missing[0], progress=False)
+    monkeypatch.setenv("MAS_LOCAL_BACKEND", missing[0])
+    with pytest.raises(ml.BackendUnavailableError, match="not available"):
+        ml.ops.abs_gemm_acc_(torch.zeros(2, 3), torch.randn(4, 2), torch.randn(4, 3))
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("MAS_LOCAL_BACKEND", "torch")
+    assert bk.resolve("abs_gemm_acc", "cpu")[0] == "torch"
+    monkeypatch.setenv("MAS_LOCAL_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MAS_LOCAL_BACKEND"):
+        bk.resolve("abs_gemm_acc", "cpu")
+
+
+def test_auto_falls_back_with_one_notice(monkeypatch, caplog):
+    monkeypatch.delenv("MAS_LOCAL_BACKEND", raising=False)
+    monkeypatch.setitem(bk.AUTO_ORDER, ("abs_gemm_acc", "cpu"), ("nonexistent_for_test", "torch"))
+    monkeypatch.setitem(bk._SITES, "nonexistent_for_test", "mas_local._no_such_module")
+    monkeypatch.setattr(bk, "BACKENDS", bk.BACKENDS + ("nonexistent_for_test",))
+    monkeypatch.setattr(bk, "_noticed", set())
+    with caplog.at_level(logging.INFO, logger="mas_local"):
+        for _ in range(3):
+            name, _fn = bk.resolve("abs_gemm_acc", "cpu")
+            assert name == "torch"
+    notices = [r for r in caplog.records if "nonexistent_for_test" in r.getMessage()]
+    assert len(notices) == 1
+
+
+def test_op_argument_errors():
+    with pytest.raises(ValueError, match="expected a"):
+        ml.ops.abs_gemm_acc_(torch.zeros(2, 3), torch.randn(4, 2), torch.randn(5, 3))
+    with pytest.raises(TypeError, match="float32"):
+        ml.ops.abs_gemm_acc_(torch.zeros(2, 3, dtype=torch.float64), torch.randn(4, 2), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="shape"):
+        ml.ops.per_sample_abs_acc_(torch.zeros(2, 2), torch.randn(3, 4, 2), torch.randn(3, 4, 3))
+    with pytest.raises(ValueError, match="mismatched"):
+        ml.ops.penalty_grad_([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(4)], [torch.zeros(3)], 1.0)

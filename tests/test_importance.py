@@ -1,0 +1,217 @@
+"""Every estimator against a brute-force per-sample autograd loop (tests/oracles.py).
+
+Models run in float64; Ω is accumulated in float32, so the tolerance is
+rtol 1e-5 with atol 1e-6 × max|Ω| per parameter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mas_local as ml
+from tests import oracles
+from tests.models import MLP, ConvNet, ResNetSmall, Tied, TokenModel
+
+
+def assert_close(got: dict, want: dict, rtol=1e-5):
+    assert set(got) == set(want)
+    for name in want:
+        w = want[name].double()
+        g = got[name].double()
+        assert g.dtype == torch.float64 and got[name].dtype == torch.float32
+        scale = max(w.abs().max().item(), 1e-12)
+        torch.testing.assert_close(g, w, rtol=rtol, atol=1e-6 * scale, msg=lambda m, n=name: f"{n}: {m}")
+        assert w.abs().sum() > 0 or name.endswith("unused"), f"oracle is all zeros for {name}"
+
+
+def mlp_data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 13, generator=g, dtype=torch.float64), torch.randn(3, 13, generator=g, dtype=torch.float64)]
+
+
+def token_data(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 17, (4, 3), generator=g), torch.randint(0, 17, (3, 3), generator=g)]
+
+
+def conv_data(seed=3, shape=(9, 7)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, *shape, generator=g, dtype=torch.float64), torch.randn(3, 3, *shape, generator=g,
+                                                                                       dtype=torch.float64)]
+
+
+def build(kind, converted):
+    torch.manual_seed(0)
+    model, data = {
+        "mlp": (MLP, mlp_data),
+        "tokens": (TokenModel, token_data),
+        "conv": (ConvNet, conv_data),
+        "resnet": (ResNetSmall, lambda: conv_data(shape=(5, 7))),
+        "tied": (Tied, lambda: [torch.randint(0, 11, (4, 3)), torch.randint(0, 11, (3, 3))]),
+    }[kind]
+    model, data = model().double(), data()
+    # BatchNorm with non-trivial running statistics (eval mode uses them)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    if converted:
+        ml.convert(model)
+    return model.eval(), data
+
+
+KINDS = ["mlp", "tokens", "conv", "resnet", "tied"]
+
+
+@pytest.mark.parametrize("converted", [False, True], ids=["plain", "converted"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_global_sample_matches_per_sample_loop(kind, converted):
+    model, data = build(kind, converted)
+    got = ml.compute_importance(model, data, mode="global", progress=False)
+    assert_close(got, oracles.global_sample(model, data))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_global_batch_matches_official_running_mean(kind):
+    model, data = build(kind, converted=True)  # batches of 4 and 3: unequal sizes
+    got = ml.compute_importance(model, data, mode="global", estimator="batch", progress=False)
+    assert_close(got, oracles.global_batch_official(model, data))
+
+
+def test_global_batch_equals_avalanche_with_equal_batches():
+    model, _ = build("mlp", converted=False)
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randn(4, 13, generator=g, dtype=torch.float64) for _ in range(3)]
+    got = ml.compute_importance(model, data, estimator="batch", progress=False)
+    ava = oracles.global_batch_avalanche(model, data)
+    # 1/N Σ_B |∂Σ_{k∈B}| = 1/(#B·b) Σ_B b|∂ mean_{k∈B}| = Avalanche's 1/#B Σ_B |∂ mean| when all b are equal
+    assert_close(got, ava)
+
+
+@pytest.mark.parametrize("estimator", ["sample", "batch"])
+@pytest.mark.parametrize("converted", [False, True], ids=["plain", "converted"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_local_sample_and_batch_match_loop(kind, converted, estimator):
+    model, data = build(kind, converted)
+    got = ml.compute_importance(model, data, mode="local", estimator=estimator, progress=False)
+    assert_close(got, oracles.local(model, data, estimator))
+
+
+def test_local_sample_equals_hebbian_with_one_position_per_sample():
+    model, data = build("mlp", converted=True)
+    hebb = ml.compute_importance(model, data, mode="local", progress=False)
+    samp = ml.compute_importance(model, data, mode="local", estimator="sample", progress=False)
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight", "head.weight", "head.bias"):
+        torch.testing.assert_close(hebb[name], samp[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("converted", [False, True], ids=["plain", "converted"])
+def test_hebbian_linear_on_tokens_matches_formula(converted):
+    torch.manual_seed(0)
+    lin = nn.Linear(13, 5).double()
+    model = nn.Sequential(lin)
+    if converted:
+        ml.convert(model)
+    g = torch.Generator().manual_seed(9)
+    data = [torch.randn(7, 3, 13, generator=g, dtype=torch.float64), torch.randn(2, 3, 13, generator=g,
+                                                                                   dtype=torch.float64)]
+    got = ml.compute_importance(model, data, mode="local", progress=False)
+    x = torch.cat([d.reshape(-1, 13) for d in data])
+    with torch.no_grad():
+        w, b = oracles.hebbian_linear(x, lin(x))
+    torch.testing.assert_close(got["0.weight"].double(), w, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["0.bias"].double(), b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(in_channels=3, out_channels=4, kernel_size=3, padding=1),
+        dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(2, 1), groups=2),
+        dict(in_channels=3, out_channels=2, kernel_size=2, dilation=2, padding=(1, 2), bias=False),
+        dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, groups=3, padding=2, dilation=(1, 2)),
+    ],
+    ids=["pad", "grouped-strided", "dilated-nobias", "all"],
+)
+@pytest.mark.parametrize("converted", [False, True], ids=["plain", "converted"])
+def test_hebbian_conv2d_matches_receptive_field_formula(kwargs, converted):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kwargs).double()
+    model = nn.Sequential(conv)
+    if converted:
+        ml.convert(model)
+    x = torch.randn(3, kwargs["in_channels"], 5, 7, dtype=torch.float64)
+    got = ml.compute_importance(model, [x[:2], x[2:]], mode="local", progress=False)
+    with torch.no_grad():
+        y = conv(x)
+    want = oracles.hebbian_conv2d(x, y, conv)
+    torch.testing.assert_close(got["0.weight"].double(), want, rtol=1e-5, atol=1e-7)
+    if conv.bias is not None:
+        events = y.shape[0] * y.shape[2] * y.shape[3]
+        torch.testing.assert_close(got["0.bias"].double(), y.abs().sum((0, 2, 3)) / events, rtol=1e-5, atol=1e-7)
+    # and the closed form of DESIGN.md: conv2d_weight(|x|, W.shape, |y|, ...) / R
+    closed = torch.nn.grad.conv2d_weight(
+        x.abs(), conv.weight.shape, y.abs(), conv.stride, conv.padding, conv.dilation, conv.groups
+    ) / (y.shape[0] * y.shape[2] * y.shape[3])
+    torch.testing.assert_close(want, closed, rtol=1e-9, atol=1e-12)
+
+
+def test_embedding_never_materialises_vocab_per_sample():
+    """A 32k vocabulary: per-sample rows only; peak extra memory stays far below B×vocab×dim."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(32000, 64)
+    model = nn.Sequential(emb, nn.Linear(64, 3))
+    idx = torch.randint(0, 32000, (16, 12))
+    idx[:, :3] = idx[:, 3:6]  # repeated tokens within a sample
+    got = ml.compute_importance(model, [idx], progress=False)
+    want = oracles.global_sample(model, [idx])
+    torch.testing.assert_close(got["0.weight"].double(), want["0.weight"], rtol=1e-5, atol=1e-9)
+    touched = (got["0.weight"].abs().sum(1) > 0).sum().item()
+    assert touched == idx.unique().numel()
+
+
+def test_estimators_accept_dict_and_tuple_batches():
+    model, data = build("mlp", converted=False)
+    as_tuple = [(x, torch.zeros(len(x))) for x in data]
+    a = ml.compute_importance(model, data, progress=False)
+    b = ml.compute_importance(model, as_tuple, progress=False)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_inplace_activation_is_handled():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for mode, oracle in (("global", oracles.global_sample), ("local", None)):
+        got = ml.compute_importance(model, [x], mode=mode, estimator="sample", progress=False)
+        want = oracle(model, [x]) if oracle else oracles.local(model, [x], "sample")
+        assert_close(got, want)
+
+
+def test_mode_restored_and_grads_untouched():
+    model, data = build("conv", converted=False)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ml.compute_importance(model, data, progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_frozen_parameters_are_skipped():
+    model, data = build("mlp", converted=False)
+    model.fc1.weight.requires_grad_(False)
+    got = ml.compute_importance(model, data, progress=False)
+    assert "fc1.weight" not in got and "fc1.bias" in got
+    assert_close(got, oracles.global_sample(model, data))
+
+
+def test_chunking_gives_the_same_result():
+    model, data = build("conv", converted=True)
+    a = ml.compute_importance(model, data, progress=False)
+    b = ml.compute_importance(model, data, progress=False, chunk_bytes=1)  # one sample per chunk
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-9)
