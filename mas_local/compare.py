@@ -425,7 +425,7 @@ def make_mas(model: Net, method: str):
     import mas_local as ml
 
     mode, estimator = MAS_METHODS[method]
-    return ml.MAS(model, lam=1.0, mode=mode, estimator=estimator, accumulate="sum")
+    return ml.MAS(model, lam=1.0, mode=mode, estimator=estimator, accumulate="sum", progress=False)
 
 
 def measure_penalty_overhead(model: Net, mas, task: Task, cfg: Config, steps: int = 25) -> dict[str, float]:
@@ -570,7 +570,7 @@ def compare_importance(model: Net, task: Task, cfg: Config) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         with _ActiveHead(model, task):
-            imp = ml.compute_importance(model, data, mode=mode, estimator=estimator)
+            imp = ml.compute_importance(model, data, mode=mode, estimator=estimator, progress=False)
         _sync(device)
         seconds[name] = time.perf_counter() - t0
         omegas[name] = {k: v.detach().float().cpu().numpy().ravel() for k, v in imp.items()}
