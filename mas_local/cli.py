@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     c.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32, help="training batch size")
     c.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    c.add_argument("--threads", type=_positive_int("--threads"), default=1,
+                   help="torch CPU threads while it runs (one is the fastest for these small models)")
     c.add_argument("--no-plots", action="store_true", help="skip the PNG plots (results.json and the table only)")
     c.add_argument("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
     parser.compare_parser = c  # its error() prints the compare usage
@@ -115,6 +117,7 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         device=args.device,
         batch_size=args.batch_size,
         lr=args.lr,
+        threads=args.threads,
         quiet=args.quiet,
         plots=not args.no_plots,
     )
