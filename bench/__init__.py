@@ -1,0 +1,1 @@
+"""Benchmark suites (pytest-benchmark); ``make bench`` runs the CPU set."""

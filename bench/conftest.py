@@ -1,0 +1,30 @@
+"""Shared settings of the benchmark suites.
+
+``MAS_BENCH_DEVICE``  ``cpu`` or ``cuda`` (default: ``cuda`` when a GPU is visible).
+``MAS_BENCH_SIZE``    ``cpu`` (small shapes, seconds on a 2-core machine) or ``gpu``
+                      (the DESIGN.md §5 shapes); default follows the device.
+
+Run: ``make bench`` (CPU set) or
+``MAS_BENCH_SIZE=gpu pytest -q bench --benchmark-only --benchmark-json=bench/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .helpers import bench_device, bench_size
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return bench_device()
+
+
+@pytest.fixture(scope="session")
+def size() -> str:
+    return bench_size()
+
+
+def pytest_report_header(config):
+    return f"mas-local bench: device={bench_device()} size={bench_size()} torch={torch.__version__}"
