@@ -28,3 +28,14 @@ def size() -> str:
 
 def pytest_report_header(config):
     return f"mas-local bench: device={bench_device()} size={bench_size()} torch={torch.__version__}"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record how busy the machine was: timings on a shared CPU move with its load."""
+    import os
+
+    try:
+        machine_info["load_average_1_5_15"] = list(os.getloadavg())
+    except (AttributeError, OSError):
+        pass
+    machine_info["torch_threads"] = torch.get_num_threads()

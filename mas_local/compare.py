@@ -600,6 +600,10 @@ def _environment(cfg: Config) -> dict:
         "cpu_count": os.cpu_count(),
         "device": cfg.device,
     }
+    try:  # other processes on the machine slow the timings down; record how busy it was
+        env["load_average_1_5_15"] = list(os.getloadavg())
+    except (AttributeError, OSError):
+        pass
     try:
         import sklearn
 
