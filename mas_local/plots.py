@@ -52,11 +52,14 @@ def task1_accuracy(results: dict, path: str) -> str:
     """Test accuracy on task 1 after each task, mean ± std over seeds, one line per method."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for m, r in results["methods"].items():
+    styles = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "v", "D", "x"]
+    for k, (m, r) in enumerate(results["methods"].items()):
         mean = np.array(r["task1_curve_mean"], dtype=float) * 100
         std = np.array(r["task1_curve_std"], dtype=float) * 100
         x = np.arange(1, len(mean) + 1)
-        ax.plot(x, mean, marker="o", ms=3, label=m)
+        # distinct line styles and markers: methods with equal curves stay visible
+        ax.plot(x, mean, ls=styles[k % len(styles)], marker=markers[k % len(markers)], ms=4, label=m)
         ax.fill_between(x, mean - std, mean + std, alpha=0.15)
     ax.set_xlabel("after training task")
     ax.set_ylabel("accuracy on task 1 (%)")
@@ -97,14 +100,16 @@ def importance_comparison(results: dict, importance: list[dict], path: str) -> s
         ax.bar(x + (k - (len(pairs) - 1) / 2) * width, mean, width, yerr=std, label=pair, capsize=2)
     ax.axhline(0, color="black", lw=0.5)
     ax.set_xticks(x, params, rotation=20, fontsize=7, ha="right")
-    ax.set_ylim(-1, 1)
+    lows = [v["mean"] for pair in pairs for v in imp["spearman"][pair].values() if v["mean"] is not None]
+    lows = [v for v in lows if not np.isnan(v)]
+    ax.set_ylim(min([0.0, *lows]) - 0.05, 1.35)  # head room for the legend
     ax.set_ylabel("Spearman ρ of Ω")
     ax.set_title("Rank agreement of the estimators per parameter tensor (model after task 1, mean ± std over seeds)",
                  fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=len(pairs), loc="upper center")
     for c, p in enumerate(weights[:ncol]):
         hx = fig.add_subplot(gs[1, c])
-        for est in _EST_ORDER:
+        for k, est in enumerate(_EST_ORDER):
             om = first["omegas"].get(est, {}).get(p)
             if om is None:
                 continue
@@ -113,7 +118,8 @@ def importance_comparison(results: dict, importance: list[dict], path: str) -> s
                 continue
             zeros = 1.0 - pos.size / max(1, om.size)
             label = est + (f" ({zeros:.0%} zero)" if zeros > 0.005 else "")
-            hx.hist(np.log10(pos), bins=40, histtype="step", label=label, density=True)
+            hx.hist(np.log10(pos), bins=40, histtype="step", label=label, density=True,
+                    ls=["-", "-", "-", "--"][k], lw=1.2)
         hx.set_title(p, fontsize=8)
         hx.set_xlabel("log10 Ω", fontsize=8)
         hx.tick_params(labelsize=7)
