@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -126,6 +127,10 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cfg.validate()
     except (ValueError, RuntimeError) as exc:
         sub.error(str(exc))
+    try:  # fail before the training, not after it
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as exc:
+        sub.error(f"cannot create the --out folder {cfg.out!r}: {exc}")
     t0 = time.perf_counter()
     try:
         results = run(cfg)

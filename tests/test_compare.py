@@ -216,6 +216,15 @@ def test_bad_options_exit_with_message(args, message, capsys, tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_unwritable_out_folder(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--out", str(blocker / "sub")])
+    assert exc.value.code == 2
+    assert "cannot create the --out folder" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_asked_for_but_absent(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
