@@ -1,0 +1,334 @@
+// mas_local._C: the extension's op schemas (namespace mas_local_ext) and their CPU kernels.
+//
+// The public ops live in Python (mas_local::*) so that they exist without a compiled
+// extension; backend "ext" forwards to the ops declared here. CUDA kernels are
+// registered for the same schemas in csrc/cuda/binding.cpp (CUDA builds only).
+//
+//   abs_gemm_acc_       Ω[out,in] += α |A|ᵀ|B|          A [R,out], B [R,in]
+//   per_sample_abs_acc_ Ω[out,in] += α Σ_b |A_bᵀ B_b|   A [B,T,out], B [B,T,in]
+//   penalty_grad_       g += 2λΩ(θ−θ*) for every tensor; returns λ Σ Ω(θ−θ*)² (0-d fp32)
+//   has_cuda            whether this build registered CUDA kernels
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace mas_local_ext {
+namespace {
+
+using at::Tensor;
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+// ---------------------------------------------------------------------------
+// Loads and stores of any supported element type as a float vector.
+// Reduced types go through a small aligned buffer: the conversion loop is
+// trivially auto-vectorised, and this avoids depending on the conversion
+// helpers of at::vec, whose names changed across torch releases.
+template <typename T>
+inline Vec load_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    __at_align__ float buf[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) buf[k] = static_cast<float>(p[k]);
+    return Vec::loadu(buf);
+  }
+}
+
+template <typename T>
+inline void store_from_float(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    __at_align__ float buf[kLanes];
+    v.store(buf);
+    for (int64_t k = 0; k < kLanes; ++k) p[k] = static_cast<T>(buf[k]);
+  }
+}
+
+inline double lanes_to_double(const Vec& v) {
+  __at_align__ float buf[kLanes];
+  v.store(buf);
+  double s = 0.0;
+  for (int64_t k = 0; k < kLanes; ++k) s += static_cast<double>(buf[k]);
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Penalty: g += 2λ w, value += w·d, with d = θ − θ*, w = Ω d, in one pass.
+//
+// Determinism: the work is cut into chunks of kPenaltyChunk elements of one
+// tensor, independent of the thread count. Each chunk's value is a double,
+// itself a sum, in fixed order, of float partial sums over kPenaltyBlock
+// elements; the chunk values are summed in chunk order at the end. So the
+// returned value is bit-identical for any number of threads.
+constexpr int64_t kPenaltyChunk = 1 << 16;
+constexpr int64_t kPenaltyBlock = 512;  // a multiple of every vector width used
+static_assert(kPenaltyBlock % 16 == 0, "block must be a multiple of the vector width");
+
+using PenaltyFn = double (*)(void*, const void*, const void*, const void*, int64_t, float);
+
+template <typename G, typename P, typename O>
+double penalty_chunk(void* g_, const void* p_, const void* a_, const void* o_, int64_t n, float two_lam) {
+  G* g = static_cast<G*>(g_);
+  const P* p = static_cast<const P*>(p_);
+  const P* a = static_cast<const P*>(a_);
+  const O* o = static_cast<const O*>(o_);
+  const Vec vtwo_lam(two_lam);
+  double total = 0.0;
+  int64_t i = 0;
+  const int64_t n_vec = n - n % kLanes;
+  while (i < n_vec) {
+    const int64_t stop = std::min(n_vec, i + kPenaltyBlock);
+    Vec acc(0.f);
+    for (; i < stop; i += kLanes) {
+      const Vec d = load_as_float(p + i) - load_as_float(a + i);
+      const Vec w = load_as_float(o + i) * d;
+      store_from_float(g + i, load_as_float(g + i) + vtwo_lam * w);
+      acc = acc + w * d;
+    }
+    total += lanes_to_double(acc);
+  }
+  for (; i < n; ++i) {
+    const float d = static_cast<float>(p[i]) - static_cast<float>(a[i]);
+    const float w = static_cast<float>(o[i]) * d;
+    g[i] = static_cast<G>(static_cast<float>(g[i]) + two_lam * w);
+    total += static_cast<double>(w * d);
+  }
+  return total;
+}
+
+template <typename G, typename P>
+PenaltyFn pick_omega(at::ScalarType o) {
+  if (o == at::kFloat) return &penalty_chunk<G, P, float>;
+  if (o == at::kBFloat16) return &penalty_chunk<G, P, c10::BFloat16>;
+  TORCH_CHECK(false, "mas_local_ext::penalty_grad_: omega must be float32 or bfloat16, got ", o);
+}
+
+template <typename G>
+PenaltyFn pick_param(at::ScalarType p, at::ScalarType o) {
+  if (p == at::kFloat) return pick_omega<G, float>(o);
+  if (p == at::kBFloat16) return pick_omega<G, c10::BFloat16>(o);
+  if (p == at::kHalf) return pick_omega<G, c10::Half>(o);
+  TORCH_CHECK(false, "mas_local_ext::penalty_grad_: params must be float32, bfloat16 or float16, got ", p);
+}
+
+PenaltyFn pick_penalty(at::ScalarType g, at::ScalarType p, at::ScalarType o) {
+  if (g == at::kFloat) return pick_param<float>(p, o);
+  if (g == at::kBFloat16) return pick_param<c10::BFloat16>(p, o);
+  if (g == at::kHalf) return pick_param<c10::Half>(p, o);
+  TORCH_CHECK(false, "mas_local_ext::penalty_grad_: grads must be float32, bfloat16 or float16, got ", g);
+}
+
+Tensor penalty_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorList anchors, at::TensorList omegas,
+                        double lam) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && anchors.size() == n && omegas.size() == n,
+              "mas_local_ext::penalty_grad_: grads, params, anchors and omegas must have the same length");
+  if (n == 0) return at::zeros({}, at::TensorOptions().dtype(at::kFloat));
+
+  struct Item {
+    PenaltyFn fn;
+    char* g;
+    const char* p;
+    const char* a;
+    const char* o;
+    int64_t gs, ps, os;  // element sizes in bytes (anchor has the param's)
+  };
+  struct Chunk {
+    int32_t item;
+    int64_t start, len;
+  };
+  std::vector<Item> items;
+  std::vector<Chunk> chunks;
+  std::vector<Tensor> keep;                            // contiguous copies kept alive
+  std::vector<std::pair<Tensor, Tensor>> write_back;   // (grad, contiguous copy)
+  items.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& g0 = grads[i];
+    const Tensor& p0 = params[i];
+    const Tensor& a0 = anchors[i];
+    const Tensor& o0 = omegas[i];
+    TORCH_CHECK(g0.device().is_cpu() && p0.device().is_cpu() && a0.device().is_cpu() && o0.device().is_cpu(),
+                "mas_local_ext::penalty_grad_ (CPU): tensor ", i, " is not on the CPU");
+    TORCH_CHECK(g0.sizes() == p0.sizes() && a0.sizes() == p0.sizes() && o0.sizes() == p0.sizes(),
+                "mas_local_ext::penalty_grad_: tensor ", i, " has mismatched shapes");
+    TORCH_CHECK(a0.scalar_type() == p0.scalar_type(), "mas_local_ext::penalty_grad_: anchor ", i,
+                " must have the param's dtype ", p0.scalar_type(), ", got ", a0.scalar_type());
+    PenaltyFn fn = pick_penalty(g0.scalar_type(), p0.scalar_type(), o0.scalar_type());
+    Tensor p = p0.contiguous(), a = a0.contiguous(), o = o0.contiguous();
+    Tensor g = g0;
+    if (!g0.is_contiguous()) {
+      g = g0.contiguous();
+      write_back.emplace_back(g0, g);
+    }
+    keep.push_back(p);
+    keep.push_back(a);
+    keep.push_back(o);
+    keep.push_back(g);
+    items.push_back({fn, static_cast<char*>(g.data_ptr()), static_cast<const char*>(p.const_data_ptr()),
+                     static_cast<const char*>(a.const_data_ptr()), static_cast<const char*>(o.const_data_ptr()),
+                     static_cast<int64_t>(g.element_size()), static_cast<int64_t>(p.element_size()),
+                     static_cast<int64_t>(o.element_size())});
+    const int64_t numel = p.numel();
+    for (int64_t s = 0; s < numel; s += kPenaltyChunk)
+      chunks.push_back({static_cast<int32_t>(i), s, std::min(kPenaltyChunk, numel - s)});
+  }
+
+  const float two_lam = static_cast<float>(2.0 * lam);
+  std::vector<double> partial(chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& ch = chunks[c];
+      const Item& it = items[ch.item];
+      partial[c] = it.fn(it.g + ch.start * it.gs, it.p + ch.start * it.ps, it.a + ch.start * it.ps,
+                         it.o + ch.start * it.os, ch.len, two_lam);
+    }
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  for (auto& wb : write_back) wb.first.copy_(wb.second);
+  return at::scalar_tensor(static_cast<float>(total * lam), at::TensorOptions().dtype(at::kFloat));
+}
+
+// ---------------------------------------------------------------------------
+// |x| as a contiguous float32 tensor in one pass (the reference's
+// x.float().abs() takes two for reduced types).
+template <typename T>
+void abs_to_float_kernel(const T* x, float* y, int64_t n) {
+  at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes) load_as_float(x + i).abs().store(y + i);
+    for (; i < end; ++i) y[i] = std::abs(static_cast<float>(x[i]));
+  });
+}
+
+Tensor abs_to_float(const Tensor& x0) {
+  const Tensor x = x0.contiguous();
+  Tensor y = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  const int64_t n = x.numel();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      abs_to_float_kernel(x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), n);
+      break;
+    case at::kBFloat16:
+      abs_to_float_kernel(x.const_data_ptr<c10::BFloat16>(), y.mutable_data_ptr<float>(), n);
+      break;
+    case at::kHalf:
+      abs_to_float_kernel(x.const_data_ptr<c10::Half>(), y.mutable_data_ptr<float>(), n);
+      break;
+    default:
+      y.copy_(x.abs());  // float64 and anything else: exact through torch
+  }
+  return y;
+}
+
+void check_omega(const Tensor& omega, int64_t out, int64_t in, const char* what) {
+  TORCH_CHECK(omega.scalar_type() == at::kFloat, what, ": omega must be float32, got ", omega.scalar_type());
+  TORCH_CHECK(omega.dim() == 2 && omega.size(0) == out && omega.size(1) == in, what, ": omega has shape ",
+              omega.sizes(), ", expected [", out, ", ", in, "]");
+}
+
+// abs-GEMM on the CPU: one-pass abs+cast of both operands, then MKL/oneDNN's GEMM
+// with beta = 1 straight into Ω. A hand-written blocked kernel cannot beat the
+// vendor GEMM here; the only waste of the reference is the extra cast pass.
+void abs_gemm_acc_cpu(Tensor omega, const Tensor& a, const Tensor& b, double alpha, c10::string_view precision) {
+  (void)precision;  // the CPU always computes in exact fp32
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
+              "mas_local_ext::abs_gemm_acc_: expected a [R, out] and b [R, in]");
+  check_omega(omega, a.size(1), b.size(1), "mas_local_ext::abs_gemm_acc_");
+  omega.addmm_(abs_to_float(a).t(), abs_to_float(b), /*beta=*/1.0, /*alpha=*/alpha);
+}
+
+// ---------------------------------------------------------------------------
+// Per-sample abs accumulation on the CPU. The batch is processed in slices
+// whose [slice, out, in] products fit in ~1 MiB (cache-resident): one batched
+// GEMM (MKL) per slice into a reused scratch buffer, then one fused pass
+// Ω += α Σ_b |P_b| over the slice, parallel over Ω's elements, summing b in
+// order (so the result does not depend on the thread count). The full
+// [B, out, in] tensor is never materialised.
+constexpr int64_t kPerSampleScratchBytes = 1 << 20;
+
+void abs_sum_into(float* omega, const float* prod, int64_t nb, int64_t m, float alpha) {
+  at::parallel_for(0, m, 1 << 12, [&](int64_t begin, int64_t end) {
+    const Vec valpha(alpha);
+    int64_t j = begin;
+    for (; j + kLanes <= end; j += kLanes) {
+      Vec acc = Vec::loadu(prod + j).abs();
+      for (int64_t k = 1; k < nb; ++k) acc = acc + Vec::loadu(prod + k * m + j).abs();
+      (Vec::loadu(omega + j) + valpha * acc).store(omega + j);
+    }
+    for (; j < end; ++j) {
+      float acc = std::abs(prod[j]);
+      for (int64_t k = 1; k < nb; ++k) acc += std::abs(prod[k * m + j]);
+      omega[j] += alpha * acc;
+    }
+  });
+}
+
+void per_sample_abs_acc_cpu(Tensor omega, const Tensor& a0, const Tensor& b0, double alpha) {
+  TORCH_CHECK(a0.dim() == 3 && b0.dim() == 3 && a0.size(0) == b0.size(0) && a0.size(1) == b0.size(1),
+              "mas_local_ext::per_sample_abs_acc_: expected a [B, T, out] and b [B, T, in]");
+  const int64_t nb = a0.size(0), out = a0.size(2), in = b0.size(2);
+  check_omega(omega, out, in, "mas_local_ext::per_sample_abs_acc_");
+  if (nb == 0 || out == 0 || in == 0) return;
+  const Tensor a = a0.to(at::kFloat);
+  const Tensor b = b0.to(at::kFloat);
+  Tensor om = omega.is_contiguous() ? omega : omega.contiguous();
+  const int64_t m = out * in;
+  const int64_t slice = std::max<int64_t>(1, std::min<int64_t>(nb, kPerSampleScratchBytes / (4 * m)));
+  Tensor scratch = at::empty({slice, out, in}, a.options());
+  for (int64_t s = 0; s < nb; s += slice) {
+    const int64_t len = std::min(slice, nb - s);
+    Tensor prod = scratch.narrow(0, 0, len);
+    at::bmm_out(prod, a.narrow(0, s, len).transpose(1, 2), b.narrow(0, s, len));
+    abs_sum_into(om.mutable_data_ptr<float>(), prod.const_data_ptr<float>(), len, m, static_cast<float>(alpha));
+  }
+  if (!omega.is_same(om)) omega.copy_(om);
+}
+
+bool has_cuda() {
+#ifdef MAS_LOCAL_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mas_local_ext, m) {
+  m.def("abs_gemm_acc_(Tensor(a!) omega, Tensor a, Tensor b, float alpha, str precision) -> ()");
+  m.def("per_sample_abs_acc_(Tensor(a!) omega, Tensor a, Tensor b, float alpha) -> ()");
+  m.def(
+      "penalty_grad_(Tensor(a!)[] grads, Tensor[] params, Tensor[] anchors, Tensor[] omegas, float lam) -> Tensor");
+  m.def("has_cuda() -> bool", &has_cuda);
+}
+
+TORCH_LIBRARY_IMPL(mas_local_ext, CPU, m) {
+  m.impl("abs_gemm_acc_", &abs_gemm_acc_cpu);
+  m.impl("per_sample_abs_acc_", &per_sample_abs_acc_cpu);
+  m.impl("penalty_grad_", &penalty_grad_cpu);
+}
+
+}  // namespace mas_local_ext
+
+// A Python module with no attributes: importing mas_local._C runs the static
+// registrations above. (No pybind11 needed.)
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                                      nullptr,               nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}
