@@ -18,7 +18,11 @@ if [ ${#files[@]} -eq 0 ]; then
   exit 0
 fi
 for f in "${files[@]}"; do
-  "$NVCC" -c -O3 -std=c++17 -Werror all-warnings -gencode=arch=compute_90,code=sm_90 \
+  # The same targets and half/bf16 restrictions as torch's extension build (setup.py).
+  "$NVCC" -c -O3 -std=c++17 -Werror all-warnings \
+    -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_80,code=compute_80 \
+    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
+    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
     -o "$out/$(basename "$f" .cu).o" "$f"
   echo "check_cuda_compile: ok $f"
 done
