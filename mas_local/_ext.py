@@ -79,6 +79,9 @@ def penalty_grad_(
     ):
         return _reference.penalty_grad_(grads, params, anchors, omegas, lam)
     return _ops.penalty_grad_(
-        list(grads), [p.detach() for p in params], [a.detach() for a in anchors], [o.detach() for o in omegas],
+        list(grads),
+        [p.detach() for p in params],
+        [a.detach() for a in anchors],
+        [o.detach() for o in omegas],
         float(lam),
     )

@@ -233,8 +233,9 @@ def _opcheck_samples(device="cpu"):
     a, b = _randn((13, 6), torch.float32, g, device), _randn((13, 10), torch.float32, g, device)
     a3, b3 = _randn((3, 5, 6), torch.bfloat16, g, device), _randn((3, 5, 10), torch.bfloat16, g, device)
     omega = _omega((6, 10), g, device=device)
-    grads, params, anchors, omegas = _penalty_inputs([(4, 3), (11,)], torch.float32, torch.float32, torch.float32, 11,
-                                                     device)
+    grads, params, anchors, omegas = _penalty_inputs(
+        [(4, 3), (11,)], torch.float32, torch.float32, torch.float32, 11, device
+    )
     return a, b, a3, b3, omega, (grads, params, anchors, omegas)
 
 
@@ -333,11 +334,17 @@ def test_penalty_cuda_mixed_groups_and_misaligned():
     g = _gen(14)
     flat = _randn((1001,), torch.float32, g, "cuda")
     grads = [flat[1:], _randn((300,), torch.bfloat16, g, "cuda"), _randn((5, 7), torch.float32, g, "cuda").t()]
-    params = [_randn((1000,), torch.float32, g, "cuda"), _randn((300,), torch.bfloat16, g, "cuda"),
-              _randn((7, 5), torch.float32, g, "cuda")]
+    params = [
+        _randn((1000,), torch.float32, g, "cuda"),
+        _randn((300,), torch.bfloat16, g, "cuda"),
+        _randn((7, 5), torch.float32, g, "cuda"),
+    ]
     anchors = [_randn(p.shape, p.dtype, g, "cuda") for p in params]
-    omegas = [_omega((1000,), g, device="cuda"), _omega((300,), g, torch.bfloat16, "cuda"),
-              _omega((7, 5), g, device="cuda")]
+    omegas = [
+        _omega((1000,), g, device="cuda"),
+        _omega((300,), g, torch.bfloat16, "cuda"),
+        _omega((7, 5), g, device="cuda"),
+    ]
     g_ref = [x.clone() for x in grads]
     value = _ext.penalty_grad_(grads, params, anchors, omegas, 0.4)
     expected = reference.penalty_grad_(g_ref, params, anchors, omegas, 0.4)
@@ -352,8 +359,9 @@ def test_penalty_cuda_deterministic():
     shapes = [(3_000_001,), (512, 513), (3,)]
     values = []
     for _ in range(3):
-        grads, params, anchors, omegas = _penalty_inputs(shapes, torch.bfloat16, torch.float32, torch.float32, 15,
-                                                         "cuda")
+        grads, params, anchors, omegas = _penalty_inputs(
+            shapes, torch.bfloat16, torch.float32, torch.float32, 15, "cuda"
+        )
         values.append(_ext.penalty_grad_(grads, params, anchors, omegas, 1.0).item())
     assert values[0] == values[1] == values[2]
 
@@ -366,5 +374,6 @@ def test_public_ops_backend_ext_cuda():
     ops.per_sample_abs_acc_(o2, a3, b3, 0.5, backend="torch")
     torch.testing.assert_close(o1, o2, rtol=1e-3, atol=1e-3)
     torch.library.opcheck(torch.ops.mas_local_ext.per_sample_abs_acc_.default, (omega.clone(), a3, b3, 0.5))
-    torch.library.opcheck(torch.ops.mas_local_ext.penalty_grad_.default,
-                          ([x.clone() for x in grads], params, anchors, omegas, 0.7))
+    torch.library.opcheck(
+        torch.ops.mas_local_ext.penalty_grad_.default, ([x.clone() for x in grads], params, anchors, omegas, 0.7)
+    )
