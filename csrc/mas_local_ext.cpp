@@ -13,14 +13,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <cmath>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -36,14 +37,14 @@ namespace mas_local_ext {
 namespace {
 
 using at::Tensor;
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
 
 // ---------------------------------------------------------------------------
-// Loads and stores of any supported element type as a float vector.
-// Reduced types go through a small aligned buffer: the conversion loop is
-// trivially auto-vectorised, and this avoids depending on the conversion
-// helpers of at::vec, whose names changed across torch releases.
+// SIMD strategy. at::vec::Vectorized<float> compiled inside an extension is its
+// generic, non-dispatched form (torch's CPU_CAPABILITY builds are internal to
+// libtorch), and GCC left those loops scalar here (checked with objdump). The
+// kernels below are instead plain loops of constant trip count over lane arrays,
+// which GCC vectorises, compiled twice: baseline ISA and AVX2+FMA+F16C.
+//
 // bf16 <-> float on the raw bits, branch-free so that the compiler vectorises
 // the lane loops (c10::BFloat16's scalar conversion checks for NaN with a branch).
 MAS_LOCAL_ALWAYS_INLINE float bf16_bits_to_float(uint16_t h) {
@@ -60,52 +61,28 @@ MAS_LOCAL_ALWAYS_INLINE uint16_t float_to_bf16_bits(float f) {
   return static_cast<uint16_t>(f != f ? 0x7fc0u : rounded);          // keep NaN a NaN
 }
 
-template <typename T>
-MAS_LOCAL_ALWAYS_INLINE Vec load_as_float(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const auto* h = reinterpret_cast<const uint16_t*>(p);
-    __at_align__ float buf[kLanes];
-    for (int64_t k = 0; k < kLanes; ++k) buf[k] = bf16_bits_to_float(h[k]);
-    return Vec::loadu(buf);
-  } else {
-    __at_align__ float buf[kLanes];
-    for (int64_t k = 0; k < kLanes; ++k) buf[k] = static_cast<float>(p[k]);
-    return Vec::loadu(buf);
-  }
+#ifdef MAS_LOCAL_X86_CLONES
+// Kernels below are compiled twice: for the baseline ISA the extension is built
+// for (torch's extension flags carry no -march: SSE2 on x86-64) and, with GCC on
+// x86-64, for AVX2+FMA+F16C; the second is picked at run time when the CPU has it.
+// MAS_LOCAL_EXT_BASELINE_ISA=1 forces the baseline (tests use it).
+bool cpu_has_avx2() {
+  static const bool has = [] {
+    const char* force = std::getenv("MAS_LOCAL_EXT_BASELINE_ISA");
+    if (force != nullptr && std::string(force) == "1") return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
 }
-
-template <typename T>
-MAS_LOCAL_ALWAYS_INLINE void store_from_float(T* p, const Vec& v) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    auto* h = reinterpret_cast<uint16_t*>(p);
-    __at_align__ float buf[kLanes];
-    v.store(buf);
-    for (int64_t k = 0; k < kLanes; ++k) h[k] = float_to_bf16_bits(buf[k]);
-  } else {
-    __at_align__ float buf[kLanes];
-    v.store(buf);
-    for (int64_t k = 0; k < kLanes; ++k) p[k] = static_cast<T>(buf[k]);
-  }
-}
-
-MAS_LOCAL_ALWAYS_INLINE double lanes_to_double(const Vec& v) {
-  __at_align__ float buf[kLanes];
-  v.store(buf);
-  double s = 0.0;
-  for (int64_t k = 0; k < kLanes; ++k) s += static_cast<double>(buf[k]);
-  return s;
-}
+#define MAS_LOCAL_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
 
 // ---------------------------------------------------------------------------
 // Penalty: g += 2λ w, value += w·d, with d = θ − θ*, w = Ω d, in one pass.
 //
 // Determinism: the work is cut into chunks of kPenaltyChunk elements of one
 // tensor, independent of the thread count. Each chunk's value is a double,
-// itself a sum, in fixed order, of float partial sums over kPenaltyBlock
+// itself a sum, in fixed order, of 16 float lane sums per kPenaltyBlock
 // elements; the chunk values are summed in chunk order at the end. So the
 // returned value is bit-identical for any number of threads.
 constexpr int64_t kPenaltyChunk = 1 << 16;
@@ -151,9 +128,7 @@ MAS_LOCAL_ALWAYS_INLINE R from_f(float x) {
 // One chunk. The elements go through fixed-width lane arrays (kPenaltyLanes
 // floats: one AVX-512 or two AVX2 registers) in loops of constant trip count,
 // which GCC turns into SIMD code, with float lane sums flushed to double every
-// kPenaltyBlock elements. (at::vec::Vectorized<float> is not used here: in an
-// extension it compiles to its generic, non-dispatched form, which GCC left
-// scalar; checked with objdump.)
+// kPenaltyBlock elements.
 constexpr int kPenaltyLanes = 16;
 static_assert(kPenaltyBlock % kPenaltyLanes == 0, "block must hold whole lane groups");
 
@@ -196,9 +171,6 @@ MAS_LOCAL_ALWAYS_INLINE double penalty_chunk_body(void* g_, const void* p_, cons
   return total;
 }
 
-// The same body compiled twice: for the baseline ISA the extension is built for
-// (torch's extension flags carry no -march: SSE2 on x86-64), and, with GCC on
-// x86-64, for AVX2+FMA+F16C, picked once at run time from the CPU's features.
 template <typename G, typename P, typename O>
 double penalty_chunk(void* g, const void* p, const void* a, const void* o, int64_t n, float two_lam) {
   return penalty_chunk_body<G, P, O>(g, p, a, o, n, two_lam);
@@ -206,15 +178,9 @@ double penalty_chunk(void* g, const void* p, const void* a, const void* o, int64
 
 #ifdef MAS_LOCAL_X86_CLONES
 template <typename G, typename P, typename O>
-__attribute__((target("avx2,fma,f16c"))) double penalty_chunk_avx2(void* g, const void* p, const void* a, const void* o,
-                                                              int64_t n, float two_lam) {
+MAS_LOCAL_AVX2 double penalty_chunk_avx2(void* g, const void* p, const void* a, const void* o, int64_t n,
+                                         float two_lam) {
   return penalty_chunk_body<G, P, O>(g, p, a, o, n, two_lam);
-}
-
-bool cpu_has_avx2() {
-  static const bool has =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return has;
 }
 #endif
 
@@ -322,13 +288,32 @@ Tensor penalty_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorL
 // ---------------------------------------------------------------------------
 // |x| as a contiguous float32 tensor in one pass (the reference's
 // x.float().abs() takes two for reduced types).
-template <typename T>
-void abs_to_float_kernel(const T* x, float* y, int64_t n) {
-  at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + kLanes <= end; i += kLanes) load_as_float(x + i).abs().store(y + i);
-    for (; i < end; ++i) y[i] = std::abs(static_cast<float>(x[i]));
-  });
+template <typename T0>
+MAS_LOCAL_ALWAYS_INLINE void abs_to_float_body(const void* x_, float* __restrict__ y, int64_t n) {
+  using T = typename Raw<T0>::type;
+  const T* __restrict__ x = static_cast<const T*>(x_);
+  for (int64_t i = 0; i < n; ++i) y[i] = std::fabs(to_f(x[i]));
+}
+
+template <typename T0>
+void abs_to_float_base(const void* x, float* y, int64_t n) {
+  abs_to_float_body<T0>(x, y, n);
+}
+
+#ifdef MAS_LOCAL_X86_CLONES
+template <typename T0>
+MAS_LOCAL_AVX2 void abs_to_float_avx2(const void* x, float* y, int64_t n) {
+  abs_to_float_body<T0>(x, y, n);
+}
+#endif
+
+template <typename T0>
+void abs_to_float_kernel(const T0* x, float* y, int64_t n) {
+  auto fn = &abs_to_float_base<T0>;
+#ifdef MAS_LOCAL_X86_CLONES
+  if (cpu_has_avx2()) fn = &abs_to_float_avx2<T0>;
+#endif
+  at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) { fn(x + begin, y + begin, end - begin); });
 }
 
 Tensor abs_to_float(const Tensor& x0) {
@@ -377,21 +362,41 @@ void abs_gemm_acc_cpu(Tensor omega, const Tensor& a, const Tensor& b, double alp
 // [B, out, in] tensor is never materialised.
 constexpr int64_t kPerSampleScratchBytes = 1 << 20;
 
+MAS_LOCAL_ALWAYS_INLINE void abs_sum_body(float* __restrict__ omega, const float* __restrict__ prod, int64_t nb,
+                                          int64_t m, int64_t begin, int64_t end, float alpha) {
+  constexpr int64_t kTile = 1024;
+  float acc[kTile];
+  for (int64_t j0 = begin; j0 < end; j0 += kTile) {
+    const int64_t len = std::min(kTile, end - j0);
+    const float* first = prod + j0;
+    for (int64_t j = 0; j < len; ++j) acc[j] = std::fabs(first[j]);
+    for (int64_t k = 1; k < nb; ++k) {
+      const float* row = prod + k * m + j0;
+      for (int64_t j = 0; j < len; ++j) acc[j] += std::fabs(row[j]);
+    }
+    float* dst = omega + j0;
+    for (int64_t j = 0; j < len; ++j) dst[j] += alpha * acc[j];
+  }
+}
+
+void abs_sum_base(float* omega, const float* prod, int64_t nb, int64_t m, int64_t begin, int64_t end, float alpha) {
+  abs_sum_body(omega, prod, nb, m, begin, end, alpha);
+}
+
+#ifdef MAS_LOCAL_X86_CLONES
+MAS_LOCAL_AVX2 void abs_sum_avx2(float* omega, const float* prod, int64_t nb, int64_t m, int64_t begin, int64_t end,
+                                 float alpha) {
+  abs_sum_body(omega, prod, nb, m, begin, end, alpha);
+}
+#endif
+
+// omega[j] += alpha Σ_k |prod[k, j]|, k in order for every j (thread-count independent).
 void abs_sum_into(float* omega, const float* prod, int64_t nb, int64_t m, float alpha) {
-  at::parallel_for(0, m, 1 << 12, [&](int64_t begin, int64_t end) {
-    const Vec valpha(alpha);
-    int64_t j = begin;
-    for (; j + kLanes <= end; j += kLanes) {
-      Vec acc = Vec::loadu(prod + j).abs();
-      for (int64_t k = 1; k < nb; ++k) acc = acc + Vec::loadu(prod + k * m + j).abs();
-      (Vec::loadu(omega + j) + valpha * acc).store(omega + j);
-    }
-    for (; j < end; ++j) {
-      float acc = std::abs(prod[j]);
-      for (int64_t k = 1; k < nb; ++k) acc += std::abs(prod[k * m + j]);
-      omega[j] += alpha * acc;
-    }
-  });
+  auto fn = &abs_sum_base;
+#ifdef MAS_LOCAL_X86_CLONES
+  if (cpu_has_avx2()) fn = &abs_sum_avx2;
+#endif
+  at::parallel_for(0, m, 1 << 12, [&](int64_t begin, int64_t end) { fn(omega, prod, nb, m, begin, end, alpha); });
 }
 
 void per_sample_abs_acc_cpu(Tensor omega, const Tensor& a0, const Tensor& b0, double alpha) {

@@ -377,3 +377,35 @@ def test_public_ops_backend_ext_cuda():
     torch.library.opcheck(
         torch.ops.mas_local_ext.penalty_grad_.default, ([x.clone() for x in grads], params, anchors, omegas, 0.7)
     )
+
+
+@needs_ext
+def test_baseline_isa_path_cpu():
+    # The CPU kernels also exist compiled for the baseline ISA (no AVX2); force that copy in a fresh process.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from mas_local import _ext, reference as R\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    mk = lambda: torch.randn(1037, generator=g).to(dt)\n"
+        "    gr, p, a = [mk()], [mk()], [mk()]\n"
+        "    o = [torch.rand(1037, generator=g) + 0.1]\n"
+        "    gr2 = [gr[0].clone()]\n"
+        "    v = _ext.penalty_grad_(gr, p, a, o, 0.5); w = R.penalty_grad_(gr2, p, a, o, 0.5)\n"
+        "    tol = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dt]\n"
+        "    torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6)\n"
+        "    torch.testing.assert_close(gr[0], gr2[0], rtol=tol, atol=1e-2)\n"
+        "    A = torch.randn(3, 5, 7, generator=g).to(dt); B = torch.randn(3, 5, 9, generator=g).to(dt)\n"
+        "    om = torch.rand(7, 9, generator=g); om2 = om.clone()\n"
+        "    _ext.per_sample_abs_acc_(om, A, B, 0.3); R.per_sample_abs_acc_(om2, A, B, 0.3)\n"
+        "    torch.testing.assert_close(om, om2, rtol=1e-5, atol=1e-4)\n"
+        "    _ext.abs_gemm_acc_(om, A[0], B[0], 0.3); R.abs_gemm_acc_(om2, A[0], B[0], 0.3)\n"
+        "    torch.testing.assert_close(om, om2, rtol=1e-5, atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, MAS_LOCAL_EXT_BASELINE_ISA="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
