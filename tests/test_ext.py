@@ -409,3 +409,19 @@ def test_baseline_isa_path_cpu():
     env = dict(os.environ, MAS_LOCAL_EXT_BASELINE_ISA="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@needs_ext
+def test_supports_and_backend_resolution():
+    from mas_local import backend
+
+    assert _ext.supports("cpu") is None
+    assert backend.unavailable_reason("ext", "cpu") is None
+    name, impl = backend.resolve("penalty_grad", "cpu", "ext")
+    assert name == "ext" and impl is _ext.penalty_grad_
+    reason = _ext.supports("cuda")
+    if _ext.has_cuda():
+        assert reason is None
+    else:
+        assert isinstance(reason, str) and "without CUDA" in reason
+    assert isinstance(_ext.supports("meta"), str)
