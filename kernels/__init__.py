@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import triton  # noqa: F401  (ImportError here means: no Triton backend)
 
-from .abs_gemm import INTERPRET, abs_gemm_acc_
+from .abs_gemm import INTERPRET, INTERPRET_TOO_LATE, abs_gemm_acc_
 from .penalty import penalty_grad_
 from .per_sample_abs import per_sample_abs_acc_
 
@@ -33,5 +33,7 @@ def supports(device) -> str | None:
     if device.type == "cpu":
         if INTERPRET:
             return None
+        if INTERPRET_TOO_LATE:
+            return "TRITON_INTERPRET=1 was set after triton had been imported; set it before importing triton"
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1, set before mas_local.kernels is imported"
     return f"Triton kernels do not support device type {device.type!r}"

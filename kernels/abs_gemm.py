@@ -55,7 +55,26 @@ import triton.language as tl
 
 log = logging.getLogger("mas_local")
 
-INTERPRET = bool(triton.knobs.runtime.interpret)
+
+
+def _interpreting() -> bool:
+    """True when Triton itself (its standard library included) was set up for the interpreter.
+
+    ``TRITON_INTERPRET=1`` only counts if it was set before ``triton`` was first
+    imported; set later, the kernels here would be interpreted but Triton's own
+    ``@jit`` helpers (``tl.cdiv``, …) not, and nothing could run on CPU tensors.
+    """
+    if not triton.knobs.runtime.interpret:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.cdiv, InterpretedFunction)
+
+
+#: Kernels run under the Triton interpreter (CPU tensors); see :func:`_interpreting`.
+INTERPRET = _interpreting()
+#: TRITON_INTERPRET=1 was set only after triton had been imported (nothing runs on CPU then).
+INTERPRET_TOO_LATE = bool(triton.knobs.runtime.interpret) and not INTERPRET
 DESIGNS = ("auto", "fused", "prepass", "prepass-triton")
 #: Largest scratch for the abs copies of one R-chunk (bytes).
 SCRATCH_BYTES = 512 << 20

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = bool(triton.knobs.runtime.interpret)
+from .abs_gemm import INTERPRET
+
 BLOCK = 64 if INTERPRET else 2048
 ITERS = 2 if INTERPRET else 32
 CHUNK = BLOCK * ITERS

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = bool(triton.knobs.runtime.interpret)
+from .abs_gemm import INTERPRET
+
 #: Upper bound of the partial buffer of a split batch (bytes).
 PARTIAL_BYTES = 64 << 20
 #: ``tl.dot`` precision for fp32 operands on the GPU.
