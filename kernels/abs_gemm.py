@@ -79,6 +79,8 @@ DESIGNS = ("auto", "fused", "prepass", "prepass-triton")
 #: Largest scratch for the abs copies of one R-chunk (bytes).
 SCRATCH_BYTES = 512 << 20
 E4M3_MAX = 448.0
+#: ``MAS_LOCAL_TRITON_AUTOTUNE=0`` (read at import) uses the first GPU config only (quick test runs).
+AUTOTUNE = os.environ.get("MAS_LOCAL_TRITON_AUTOTUNE", "1") != "0"
 
 # --------------------------------------------------------------------------- kernels
 
@@ -264,9 +266,10 @@ if INTERPRET:
     _gemm_fp8 = _abs_gemm_kernel
 else:
     _key = ["M", "N", "K", "ABS", "UPCAST", "SCALED", "PRECISION"]
+    _configs, _fp8_configs = (_GPU_CONFIGS, _GPU_FP8_CONFIGS) if AUTOTUNE else (_GPU_CONFIGS[:1], _GPU_FP8_CONFIGS[:1])
     # The kernel accumulates into Ω in place: every timed trial must start from the same Ω.
-    _gemm = triton.autotune(configs=_GPU_CONFIGS, key=_key, restore_value=["omega_ptr"])(_abs_gemm_kernel)
-    _gemm_fp8 = triton.autotune(configs=_GPU_FP8_CONFIGS, key=_key, restore_value=["omega_ptr"])(_abs_gemm_kernel)
+    _gemm = triton.autotune(configs=_configs, key=_key, restore_value=["omega_ptr"])(_abs_gemm_kernel)
+    _gemm_fp8 = triton.autotune(configs=_fp8_configs, key=_key, restore_value=["omega_ptr"])(_abs_gemm_kernel)
 
 _COPY_BLOCK = (16, 16) if INTERPRET else (64, 128)
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .abs_gemm import INTERPRET
+from .abs_gemm import AUTOTUNE, INTERPRET
 
 #: Upper bound of the partial buffer of a split batch (bytes).
 PARTIAL_BYTES = 64 << 20
@@ -137,7 +137,9 @@ if INTERPRET:
 else:
     # In-place accumulation (ACCUM) is restored between timed trials.
     _kernel = triton.autotune(
-        configs=_GPU_CONFIGS, key=["M", "N", "T", "ACCUM", "UPCAST", "PRECISION"], restore_value=["out_ptr"]
+        configs=_GPU_CONFIGS if AUTOTUNE else _GPU_CONFIGS[:1],
+        key=["M", "N", "T", "ACCUM", "UPCAST", "PRECISION"],
+        restore_value=["out_ptr"],
     )(_per_sample_kernel)
 
 
