@@ -128,8 +128,10 @@ def _abs_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak  # [BLOCK_M, BLOCK_K] of Aᵀ
-    b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn  # [BLOCK_K, BLOCK_N] of B
+    rm64 = rm.to(tl.int64)  # 64-bit offsets: a transposed view has strides up to R
+    rn64 = rn.to(tl.int64)
+    a_ptrs = a_ptr + rm64[:, None] * s_am + rk[None, :] * s_ak  # [BLOCK_M, BLOCK_K] of Aᵀ
+    b_ptrs = b_ptr + rk[:, None] * s_bk + rn64[None, :] * s_bn  # [BLOCK_K, BLOCK_N] of B
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = rk < K - k * BLOCK_K
@@ -146,7 +148,7 @@ def _abs_gemm_kernel(
         b_ptrs += BLOCK_K * s_bk
     if SCALED:
         acc = acc * (tl.load(scale_a_ptr) * tl.load(scale_b_ptr))
-    o_ptrs = omega_ptr + rm[:, None] * s_om + rn[None, :] * s_on
+    o_ptrs = omega_ptr + rm64[:, None] * s_om + rn64[None, :] * s_on
     o_mask = m_ok[:, None] & n_ok[None, :]
     omega = tl.load(o_ptrs, mask=o_mask, other=0.0)
     tl.store(o_ptrs, omega + alpha * acc, mask=o_mask)
@@ -160,7 +162,7 @@ def _abs_tile(src_ptr, dst_ptr, rows, cols, s0, s1, tile, SIGN_MASK: tl.constexp
     c = (tile % tiles_c) * BC + tl.arange(0, BC)
     mask = (r < rows)[:, None] & (c < cols)[None, :]
     r64 = r.to(tl.int64)
-    x = tl.load(src_ptr + r64[:, None] * s0 + c[None, :] * s1, mask=mask, other=0)
+    x = tl.load(src_ptr + r64[:, None] * s0 + c.to(tl.int64)[None, :] * s1, mask=mask, other=0)
     x = (x & SIGN_MASK).to(dst_ptr.dtype.element_ty)
     tl.store(dst_ptr + r64[:, None] * cols + c[None, :], x, mask=mask)
 
@@ -198,7 +200,7 @@ def _amax_tile(src_ptr, rows, cols, s0, s1, tile, amax_ptr, BR: tl.constexpr, BC
     r = (tile // tiles_c) * BR + tl.arange(0, BR)
     c = (tile % tiles_c) * BC + tl.arange(0, BC)
     mask = (r < rows)[:, None] & (c < cols)[None, :]
-    x = tl.load(src_ptr + r.to(tl.int64)[:, None] * s0 + c[None, :] * s1, mask=mask, other=0.0)
+    x = tl.load(src_ptr + r.to(tl.int64)[:, None] * s0 + c.to(tl.int64)[None, :] * s1, mask=mask, other=0.0)
     m = tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0)
     # Non-negative floats order like their bit patterns: an integer atomic max is exact.
     tl.atomic_max(amax_ptr, m.to(tl.int32, bitcast=True))
@@ -226,7 +228,7 @@ def _fp8_tile(src_ptr, dst_ptr, rows, rows_pad, cols, s0, s1, tile, amax_ptr, sc
     r = (tile // tiles_c) * BR + tl.arange(0, BR)
     c = (tile % tiles_c) * BC + tl.arange(0, BC)
     load_mask = (r < rows)[:, None] & (c < cols)[None, :]
-    x = tl.load(src_ptr + r.to(tl.int64)[:, None] * s0 + c[None, :] * s1, mask=load_mask, other=0.0)
+    x = tl.load(src_ptr + r.to(tl.int64)[:, None] * s0 + c.to(tl.int64)[None, :] * s1, mask=load_mask, other=0.0)
     q = tl.minimum(tl.abs(x.to(tl.float32)) * (448.0 / amax), 448.0).to(tl.float8e4nv)
     store_mask = (r < rows_pad)[:, None] & (c < cols)[None, :]
     tl.store(dst_ptr + c.to(tl.int64)[None, :] * rows_pad + r[:, None], q, mask=store_mask)
@@ -366,11 +368,11 @@ class _cublas_tf32:
         self.allow = allow
 
     def __enter__(self):
-        self.prev = torch._C._get_cublas_allow_tf32()
-        torch._C._set_cublas_allow_tf32(self.allow)
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.allow
 
     def __exit__(self, *exc):
-        torch._C._set_cublas_allow_tf32(self.prev)
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
 def _addmm_dtype_out(omega, a_t, b, alpha) -> None:
@@ -390,7 +392,7 @@ def _dtype_out_works(device: torch.device, dtype: torch.dtype) -> bool:
             want = omega + 0.5 * a.float().t() @ b.float()
             _addmm_dtype_out(omega, a.t(), b, 0.5)
             ok = bool(torch.allclose(omega, want, rtol=1e-3, atol=1e-3))
-        except (RuntimeError, TypeError, NotImplementedError) as exc:
+        except Exception as exc:  # noqa: BLE001 - absent or broken: the Triton GEMM takes over
             log.info("mas_local.kernels: addmm.dtype_out unusable on %s (%s)", key, exc)
         if not ok:
             log.info("mas_local.kernels: abs-GEMM uses the Triton GEMM after the pre-pass on %s", key)
@@ -442,7 +444,7 @@ def _fast(omega, a, b, alpha) -> None:
             omega.add_(prod, alpha=alpha)
             _scaled_mm_ok[key] = True
             return
-        except (RuntimeError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of the private op: use the Triton fp8 GEMM
             if key not in _scaled_mm_ok:
                 log.info("mas_local.kernels: torch._scaled_mm unusable (%s); using the Triton fp8 GEMM", exc)
             _scaled_mm_ok[key] = False

@@ -82,8 +82,10 @@ def _per_sample_kernel(
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    a_tile = rm[:, None] * s_am + rk[None, :] * s_at  # [BLOCK_M, BLOCK_K] of A_bᵀ
-    b_tile = rk[:, None] * s_bt + rn[None, :] * s_bn  # [BLOCK_K, BLOCK_N] of B_b
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    a_tile = rm64[:, None] * s_am + rk[None, :] * s_at  # [BLOCK_M, BLOCK_K] of A_bᵀ
+    b_tile = rk[:, None] * s_bt + rn64[None, :] * s_bn  # [BLOCK_K, BLOCK_N] of B_b
     b_lo = split * per_split
     b_hi = tl.minimum(b_lo + per_split, NB)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -107,7 +109,7 @@ def _per_sample_kernel(
         a_sample += s_ab
         b_sample += s_bb
     mask = m_ok[:, None] & n_ok[None, :]
-    o_ptrs = out_ptr + split.to(tl.int64) * s_os + rm[:, None] * s_om + rn[None, :] * s_on
+    o_ptrs = out_ptr + split.to(tl.int64) * s_os + rm64[:, None] * s_om + rn64[None, :] * s_on
     if ACCUM:
         omega = tl.load(o_ptrs, mask=mask, other=0.0)
         tl.store(o_ptrs, omega + alpha * total, mask=mask)
