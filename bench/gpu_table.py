@@ -104,7 +104,7 @@ def backends_here() -> list[str]:
         reason = mbackend.unavailable_reason(name, DEV)
         if reason is None:
             out.append(name)
-        else:
+        elif f"backend {name!r} not measured: {reason}" not in NOTES:
             NOTES.append(f"backend {name!r} not measured: {reason}")
     return out
 

@@ -6,8 +6,9 @@ Design: one program owns a ``[BLOCK_M, BLOCK_N]`` tile of Ω and keeps the runni
 it to the running sum; after the last sample it loads the Ω tile, adds α times
 the sum and stores it once. The ``[B, out, in]`` per-sample tensor never exists.
 
-Occupancy: with 128×128 tiles a 2048×2048 Ω has 256 tiles, under two waves on a
-132-SM H200. When the tiles are fewer than twice the SM count the batch is split
+Occupancy: with 128×128 tiles a 2048×2048 Ω has 256 tiles, ~two full waves on a
+132-SM H200, which is enough. When the tiles are fewer than the SMs (a small Ω
+would leave most of the GPU idle while it loops over b) the batch is split
 over a second grid axis into ``split`` contiguous ranges of samples; each range
 writes its tile sum to its own slice of an fp32 partial buffer ``[split, out,
 in]`` (no atomics), and a second kernel adds ``α · Σ_s partial[s]`` to Ω in the
@@ -152,7 +153,7 @@ def choose_split(omega: torch.Tensor, batch: int) -> int:
     out, inp = omega.shape
     tiles = triton.cdiv(out, GPU_TILE) * triton.cdiv(inp, GPU_TILE)
     sms = torch.cuda.get_device_properties(omega.device).multi_processor_count
-    if tiles >= 2 * sms:
+    if tiles >= sms:  # at least one full wave already (one 128×128 program per SM fits at a time)
         return 1
     want = triton.cdiv(2 * sms, tiles)
     cap = PARTIAL_BYTES // max(1, out * inp * 4)
