@@ -123,7 +123,9 @@ def _align(t: torch.Tensor) -> int:
 
 def _table(group, device):
     """The device chunk table of a group (cached by the tensors' addresses and lengths)."""
-    key = (device, tuple((g.data_ptr(), p.data_ptr(), a.data_ptr(), o.data_ptr(), p.numel()) for g, p, a, o in group))
+    dtypes = tuple(t.dtype for t in group[0])  # offsets are in elements of these dtypes
+    addresses = tuple((g.data_ptr(), p.data_ptr(), a.data_ptr(), o.data_ptr(), p.numel()) for g, p, a, o in group)
+    key = (device, dtypes, addresses)
     cached = _TABLE_CACHE.get(key)
     if cached is not None:
         _TABLE_CACHE.move_to_end(key)
