@@ -122,22 +122,21 @@ def _align(t: torch.Tensor) -> int:
 
 
 def _table(group, device):
-    """The device chunk table of a group (cached by the tensors' addresses and lengths)."""
-    dtypes = tuple(t.dtype for t in group[0])  # offsets are in elements of these dtypes
-    addresses = tuple((g.data_ptr(), p.data_ptr(), a.data_ptr(), o.data_ptr(), p.numel()) for g, p, a, o in group)
-    key = (device, dtypes, addresses)
+    """The device chunk table of a group (cached by dtypes, addresses and lengths).
+
+    ``group`` holds ``(tensors, addresses, numel)`` entries of one dtype combination.
+    """
+    dtypes = tuple(t.dtype for t in group[0][0])  # offsets are in elements of these dtypes
+    key = (device, dtypes, tuple((ptrs, n) for _, ptrs, n in group))
     cached = _TABLE_CACHE.get(key)
     if cached is not None:
         _TABLE_CACHE.move_to_end(key)
         return cached
-    bases = group[0]
+    base_ptrs = group[0][1]
+    sizes = [t.element_size() for t in group[0][0]]
     rows = []
-    for quad in group:
-        offs = []
-        for t, base in zip(quad, bases):
-            delta = t.data_ptr() - base.data_ptr()
-            offs.append(delta // t.element_size())
-        n = quad[1].numel()
+    for _, ptrs, n in group:
+        offs = [(ptr - base) // size for ptr, base, size in zip(ptrs, base_ptrs, sizes)]
         for start in range(0, n, CHUNK):
             rows.append(offs + [start, n])
     table = torch.tensor(rows, dtype=torch.int64).to(device)
@@ -147,30 +146,37 @@ def _table(group, device):
     return table
 
 
-def _check(i, g, p, a, o):
-    for name, t in (("grad", g), ("param", p), ("anchor", a), ("omega", o)):
-        if t.dtype not in _SUPPORTED:
-            raise TypeError(f"penalty_grad_ (triton): {name} {i} has unsupported dtype {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(
-                f"penalty_grad_ (triton): {name} {i} is not contiguous; pass contiguous tensors or use backend='torch'"
-            )
-    if o.dtype == torch.float16:
-        raise TypeError(f"penalty_grad_ (triton): omega {i} must be float32 or bfloat16")
+def _check_group(key, index) -> None:
+    names = ("grad", "param", "anchor", "omega")
+    for name, dtype in zip(names, key[:4]):
+        if dtype not in _SUPPORTED:
+            raise TypeError(f"penalty_grad_ (triton): {name} {index} has unsupported dtype {dtype}")
+    if key[3] == torch.float16:
+        raise TypeError(f"penalty_grad_ (triton): omega {index} must be float32 or bfloat16")
 
 
 def penalty_grad_(grads, params, anchors, omegas, lam: float) -> torch.Tensor:
     """``grad += 2λ Ω (θ − θ*)`` for every tensor; returns ``λ Σ Ω (θ − θ*)²`` as a 0-d fp32 tensor."""
     device = params[0].device if len(params) else torch.device("cpu")
+    # One pass with few attribute reads per tensor: the host cost is paid every training step.
     groups: dict[tuple, list] = {}
-    for i, (g, p, a, o) in enumerate(zip(grads, params, anchors, omegas)):
-        p = p.detach()
-        _check(i, g, p, a, o)
-        if p.numel() == 0:
+    for i, quad in enumerate(zip(grads, params, anchors, omegas)):
+        g, p, a, o = quad
+        if not (g.is_contiguous() and p.is_contiguous() and a.is_contiguous() and o.is_contiguous()):
+            name = ("grad", "param", "anchor", "omega")[[t.is_contiguous() for t in quad].index(False)]
+            raise ValueError(
+                f"penalty_grad_ (triton): {name} {i} is not contiguous; pass contiguous tensors or use backend='torch'"
+            )
+        n = p.numel()
+        if n == 0:
             continue
-        aligned = all(t.data_ptr() % 16 == 0 for t in (g, p, a, o))
-        key = (g.dtype, p.dtype, a.dtype, o.dtype, aligned)
-        groups.setdefault(key, []).append((g, p, a, o))
+        ptrs = (g.data_ptr(), p.data_ptr(), a.data_ptr(), o.data_ptr())
+        key = (g.dtype, p.dtype, a.dtype, o.dtype, (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0)
+        members = groups.get(key)
+        if members is None:
+            _check_group(key, i)
+            members = groups[key] = []
+        members.append((quad, ptrs, n))
     out = torch.zeros((), dtype=torch.float32, device=device)
     if not groups:
         return out
@@ -179,7 +185,7 @@ def penalty_grad_(grads, params, anchors, omegas, lam: float) -> torch.Tensor:
     partials = torch.empty(n_parts, dtype=torch.float64, device=device)
     pos = 0
     for (_, _, _, _, aligned), group, table in tables:
-        g0, p0, a0, o0 = group[0]
+        g0, p0, a0, o0 = group[0][0]
         align = [(_align(t) if aligned else 1) for t in (g0, p0, a0, o0)]
         n = table.shape[0]
         _penalty_kernel[(n,)](
