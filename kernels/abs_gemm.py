@@ -53,7 +53,19 @@ import torch
 import triton
 import triton.language as tl
 
+from mas_local import reference
+
 log = logging.getLogger("mas_local")
+#: Operand dtypes the kernels take; others (float64) run the torch reference.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_noticed: set[tuple[str, str]] = set()
+
+
+def _notice_reference(op: str, why: str) -> None:
+    """Log once per (op, reason) that a call ran the torch reference instead of a kernel."""
+    if (op, why) not in _noticed:
+        _noticed.add((op, why))
+        log.info("mas_local.kernels: %s runs the torch reference for %s", op, why)
 
 
 
@@ -457,8 +469,11 @@ def abs_gemm_acc_(omega, a, b, alpha: float, precision: str = "accurate", design
     ``design`` (``None``: the environment variable ``MAS_LOCAL_TRITON_ABS_GEMM``, else
     ``"auto"``) chooses among :data:`DESIGNS`; see the module docstring.
     """
-    if a.dtype == torch.float64 or b.dtype == torch.float64:
-        raise TypeError("abs_gemm_acc_ (triton): float64 operands are not supported; use backend='torch'")
+    if a.dtype not in KERNEL_DTYPES or b.dtype not in KERNEL_DTYPES:
+        # float64 operands: the reference (fp32 math, like every backend's Ω) keeps `auto` working.
+        _notice_reference("abs_gemm_acc_", f"{a.dtype}/{b.dtype} operands")
+        reference.abs_gemm_acc_(omega, a, b, alpha, precision)
+        return
     if a.dtype != b.dtype:
         common = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(common), b.to(common)

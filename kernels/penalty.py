@@ -20,8 +20,9 @@ Design (multi-tensor, memory-bound, deterministic):
   float atomics: the same inputs give a bit-identical value every run.
 
 Launches: one per dtype group plus one for the final reduction (two in the
-common case). Tensors must be contiguous (a ``ValueError`` names the first that
-is not); grad, θ, θ* may be fp32, fp16 or bf16; Ω fp32 or bf16.
+common case). grad, θ, θ* may be fp32, fp16 or bf16; Ω fp32 or bf16. A call with
+a non-contiguous tensor or another dtype (float64) runs the torch reference for
+all its tensors (logged once), so ``backend="auto"`` never fails on them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .abs_gemm import INTERPRET
+from mas_local import reference
+
+from .abs_gemm import INTERPRET, _notice_reference
 
 BLOCK = 64 if INTERPRET else 2048
 ITERS = 2 if INTERPRET else 32
@@ -146,13 +149,8 @@ def _table(group, device):
     return table
 
 
-def _check_group(key, index) -> None:
-    names = ("grad", "param", "anchor", "omega")
-    for name, dtype in zip(names, key[:4]):
-        if dtype not in _SUPPORTED:
-            raise TypeError(f"penalty_grad_ (triton): {name} {index} has unsupported dtype {dtype}")
-    if key[3] == torch.float16:
-        raise TypeError(f"penalty_grad_ (triton): omega {index} must be float32 or bfloat16")
+def _kernel_dtypes(key) -> bool:
+    return all(dtype in _SUPPORTED for dtype in key[:4]) and key[3] != torch.float16
 
 
 def penalty_grad_(grads, params, anchors, omegas, lam: float) -> torch.Tensor:
@@ -160,13 +158,13 @@ def penalty_grad_(grads, params, anchors, omegas, lam: float) -> torch.Tensor:
     device = params[0].device if len(params) else torch.device("cpu")
     # One pass with few attribute reads per tensor: the host cost is paid every training step.
     groups: dict[tuple, list] = {}
-    for i, quad in enumerate(zip(grads, params, anchors, omegas)):
+    for quad in zip(grads, params, anchors, omegas):
         g, p, a, o = quad
         if not (g.is_contiguous() and p.is_contiguous() and a.is_contiguous() and o.is_contiguous()):
-            name = ("grad", "param", "anchor", "omega")[[t.is_contiguous() for t in quad].index(False)]
-            raise ValueError(
-                f"penalty_grad_ (triton): {name} {i} is not contiguous; pass contiguous tensors or use backend='torch'"
-            )
+            # Rare (parameters and their grads are contiguous): the reference handles any layout,
+            # for the whole call so that the value keeps one fixed summation order.
+            _notice_reference("penalty_grad_", "non-contiguous tensors")
+            return reference.penalty_grad_(grads, params, anchors, omegas, lam)
         n = p.numel()
         if n == 0:
             continue
@@ -174,7 +172,9 @@ def penalty_grad_(grads, params, anchors, omegas, lam: float) -> torch.Tensor:
         key = (g.dtype, p.dtype, a.dtype, o.dtype, (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0)
         members = groups.get(key)
         if members is None:
-            _check_group(key, i)
+            if not _kernel_dtypes(key):
+                _notice_reference("penalty_grad_", f"dtypes {key[:4]}")
+                return reference.penalty_grad_(grads, params, anchors, omegas, lam)
             members = groups[key] = []
         members.append((quad, ptrs, n))
     out = torch.zeros((), dtype=torch.float32, device=device)

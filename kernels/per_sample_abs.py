@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .abs_gemm import AUTOTUNE, INTERPRET
+from mas_local import reference
+
+from .abs_gemm import AUTOTUNE, INTERPRET, KERNEL_DTYPES, _notice_reference
 
 #: Upper bound of the partial buffer of a split batch (bytes).
 PARTIAL_BYTES = 64 << 20
@@ -167,8 +169,10 @@ def per_sample_abs_acc_(omega, a, b, alpha: float, split: int | None = None) -> 
     ``split`` (``None``: chosen by :func:`choose_split`) splits the batch over a
     second grid axis with a deterministic partial buffer; see the module docstring.
     """
-    if a.dtype == torch.float64 or b.dtype == torch.float64:
-        raise TypeError("per_sample_abs_acc_ (triton): float64 operands are not supported; use backend='torch'")
+    if a.dtype not in KERNEL_DTYPES or b.dtype not in KERNEL_DTYPES:
+        _notice_reference("per_sample_abs_acc_", f"{a.dtype}/{b.dtype} operands")
+        reference.per_sample_abs_acc_(omega, a, b, alpha)
+        return
     if a.dtype != b.dtype:
         common = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(common), b.to(common)

@@ -307,10 +307,31 @@ def test_penalty_value_is_bit_identical_between_runs():
     assert all(torch.equal(v, values[0]) for v in values[1:])
 
 
-def test_penalty_rejects_non_contiguous():
-    p = randn(6, 8).t()
-    with pytest.raises(ValueError, match="contiguous"):
-        K.penalty_grad_([torch.zeros_like(p)], [p], [p.clone()], [p.abs()], 1.0)
+def test_penalty_non_contiguous_and_float64_run_the_reference():
+    p = randn(6, 8, seed=50).t()
+    case = ([randn(8, 6, seed=51)], [p], [randn(8, 6, seed=52)], [randn(6, 8, seed=53).abs().t()])
+    _check_penalty(case, 0.3, K.penalty_grad_)
+    case64 = _penalty_case(torch.float32, torch.float32, shapes=[(5, 3)])
+    case64 = tuple([t.double() for t in ts] if i < 3 else ts for i, ts in enumerate(case64))
+    want_g = [g.clone() for g in case64[0]]
+    want = reference.penalty_grad_(want_g, *case64[1:], 0.3)
+    got_g = [g.clone() for g in case64[0]]
+    got = K.penalty_grad_(got_g, *case64[1:], 0.3)
+    assert torch.equal(got, want) and all(torch.equal(x, y) for x, y in zip(got_g, want_g))
+
+
+def test_float64_operands_run_the_reference():
+    a, b = randn(9, 4, dtype=torch.float64, seed=54), randn(9, 5, dtype=torch.float64, seed=55)
+    omega = rand_omega(4, 5)
+    want, got = omega.clone(), omega.clone()
+    reference.abs_gemm_acc_(want, a, b, 0.5)
+    ops.abs_gemm_acc_(got, a, b, 0.5, backend="triton")
+    assert torch.equal(got, want)
+    a3, b3 = randn(2, 3, 4, dtype=torch.float64, seed=56), randn(2, 3, 5, dtype=torch.float64, seed=57)
+    want, got = omega.clone(), omega.clone()
+    reference.per_sample_abs_acc_(want, a3, b3, 0.5)
+    ops.per_sample_abs_acc_(got, a3, b3, 0.5, backend="triton")
+    assert torch.equal(got, want)
 
 
 # --------------------------------------------------------------------------- GPU only
