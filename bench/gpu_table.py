@@ -197,7 +197,7 @@ def abs_gemm_section(n, out_f, in_f, dtype, label, precisions):
     if "triton" in backends_here():
         from mas_local.kernels import abs_gemm as kag
 
-        for design in ("fused", "prepass", "prepass-triton"):
+        for design in ("fused", "prepass", "prepass-triton", "prepass-overlap"):
             run_variant(
                 f"triton accurate design={design}",
                 lambda o, d=design: kag.abs_gemm_acc_(o, y, x, 1.0 / n, "accurate", design=d),

@@ -120,7 +120,7 @@ def test_cpu_without_interpreter_gives_a_reason():
 GEMM_SHAPES = [(1, 1, 1), (1, 17, 5), (37, 21, 45), (64, 32, 16), (33, 1, 19)]  # (R, out, in)
 
 
-@pytest.mark.parametrize("design", ["fused", "prepass", "prepass-triton"])
+@pytest.mark.parametrize("design", ["fused", "prepass", "prepass-triton", "prepass-overlap"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
 def test_abs_gemm_matches_reference(shape, dtype, design):
@@ -339,7 +339,7 @@ def test_float64_operands_run_the_reference():
 
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("design", ["auto", "fused", "prepass", "prepass-triton"])
+@pytest.mark.parametrize("design", ["auto", "fused", "prepass", "prepass-triton", "prepass-overlap"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_abs_gemm_tensor_cores(dtype, design):
     r, m, n = 1000, 384, 520
