@@ -203,6 +203,21 @@ def abs_gemm_section(n, out_f, in_f, dtype, label, precisions):
                 lambda o, d=design: kag.abs_gemm_acc_(o, y, x, 1.0 / n, "accurate", design=d),
                 "accurate",
             )
+        # The pre-passes alone (bytes: read the operands, write the copies), to split the totals.
+        moved = (y.numel() + x.numel()) * y.element_size() * 2
+        try:
+            t = bench_ms(lambda: kag.abs_copy(y, x))
+            row(work, "  abs pre-pass alone", t, work_amount=moved, unit="GB/s", naive=t_naive, ref=t_ref)
+        except Exception as exc:  # noqa: BLE001
+            failed(work, "  abs pre-pass alone", exc)
+        if kag._fp8_capable(DEV):
+            moved8 = (y.numel() + x.numel()) * (2 * y.element_size() + 1)
+            try:
+                t = bench_ms(lambda: kag.fp8_prepass(y, x))
+                row(work, "  fp8 pre-pass alone (amax + cast)", t, work_amount=moved8, unit="GB/s", naive=t_naive,
+                    ref=t_ref)
+            except Exception as exc:  # noqa: BLE001
+                failed(work, "  fp8 pre-pass alone", exc)
 
 
 # --------------------------------------------------------------------------- per-sample

@@ -493,3 +493,17 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     if out.stdout.startswith("SKIP"):
         pytest.skip(out.stdout.strip())
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="on a GPU bench/gpu_check.sh runs the full table instead")
+def test_gpu_table_small_smoke(tmp_path):
+    """bench/gpu_table.py --small runs end to end on CPU (interpreter) and its checks pass."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_table.py")
+    out_md = tmp_path / "table.md"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, script, "--small", "--only", "abs,sample,penalty", "--out", str(out_md)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out_md.read_text()
+    assert "| abs-GEMM small bf16 | triton accurate |" in text and "BAD" not in text and "FAILED" not in text
