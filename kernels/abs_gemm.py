@@ -1,6 +1,6 @@
 """Triton abs-GEMM accumulate: ``Ω[out, in] += α · |A|ᵀ |B|`` (A ``[R, out]``, B ``[R, in]``, Ω fp32).
 
-Three designs live here; :func:`abs_gemm_acc_` picks one per call (``design="auto"``):
+Four designs live here; :func:`abs_gemm_acc_` picks one per call (``design="auto"``):
 
 ``"prepass"`` (default on CUDA)
     One Triton launch takes ``|A|`` and ``|B|`` into a contiguous scratch buffer in
@@ -46,7 +46,8 @@ accumulation, ≈ 1e-6 relative to the exact product of the given operands); fp3
 operands in "accurate" are rounded to TF32 (≤ 2·2⁻¹¹ ≈ 1e-3 worst case, far less
 on average); "fast" e4m3 rounds each operand to 3 mantissa bits (≤ 2·2⁻⁴ per
 product worst case; random rounding averages out over R: ~2e-3 measured in
-planning at R=16384; values below amax·2⁻¹⁵ flush to zero).
+planning at R=16384; values below amax·2⁻¹⁵ become subnormal and lose bits,
+below amax·2⁻¹⁹ they flush to zero).
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ def _notice_reference(op: str, why: str) -> None:
     if (op, why) not in _noticed:
         _noticed.add((op, why))
         log.info("mas_local.kernels: %s runs the torch reference for %s", op, why)
-
 
 
 def _interpreting() -> bool:
