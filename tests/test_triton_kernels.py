@@ -192,6 +192,26 @@ def test_abs_copy_is_exact_bitwise():
     assert torch.equal(db, b.abs())
 
 
+def test_fp8_prepass_layout_and_scales():
+    """The "fast" pre-pass: exact per-tensor scales, K-major e4m3 copies of |x|·448/amax, zero padding.
+
+    The interpreter's e4m3 rounding is wrong when rounding carries into the exponent
+    (7.97 → 4 instead of 8), so on CPU the values are compared where it is right
+    (≥ 90%); on the GPU (hardware conversion) all must match torch's conversion.
+    """
+    a = randn(37, 21, dtype=torch.bfloat16, seed=58)[:, ::1]
+    b = randn(74, 45, dtype=torch.bfloat16, seed=59)[::2] * 3  # row stride 2·45
+    a8, b8, s_a, s_b = K.abs_gemm.fp8_prepass(a, b)
+    assert a8.shape == (21, 48) and b8.shape == (45, 48) and a8.is_contiguous() and b8.is_contiguous()
+    for x, x8, s in ((a, a8, s_a), (b, b8, s_b)):
+        assert torch.equal(s.reshape(()), x.float().abs().max() / 448.0)  # fp32 division, like the kernel
+        want = (x.float().abs() / s).t().to(torch.float8_e4m3fn).float()
+        got = x8[:, :37].float()
+        assert torch.all(x8[:, 37:].float() == 0)
+        match = (got == want).float().mean().item()
+        assert match == 1.0 if CUDA else match >= 0.9, match
+
+
 # --------------------------------------------------------------------------- per-sample
 
 
