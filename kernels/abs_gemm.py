@@ -96,7 +96,7 @@ DESIGNS = ("auto", "fused", "prepass", "prepass-triton", "prepass-overlap")
 #: Largest scratch for the abs copies of one R-chunk (bytes).
 SCRATCH_BYTES = 512 << 20
 E4M3_MAX = 448.0
-#: ``MAS_LOCAL_TRITON_AUTOTUNE=0`` (read at import) uses the first GPU config only (quick test runs).
+#: ``MAS_LOCAL_TRITON_AUTOTUNE=0`` (read at import): the first config that fits, no tuning (quick test runs).
 AUTOTUNE = os.environ.get("MAS_LOCAL_TRITON_AUTOTUNE", "1") != "0"
 
 # --------------------------------------------------------------------------- kernels
@@ -280,15 +280,34 @@ _GPU_FP8_CONFIGS = [
 #: Tile sizes used under the interpreter (one fixed config: autotune cannot time there).
 INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 
+#: Shared memory a config may plan for (H100/H200 allow 227 KiB per block; margin for the epilogue).
+SMEM_LIMIT = 220 * 1024
+
+
+def fitting_configs(configs, elem_size: int):
+    """The configs whose operand stages fit in :data:`SMEM_LIMIT` for this operand size
+    (all of them when autotuning, else the first); never empty."""
+    def footprint(c):
+        k = c.kwargs
+        return c.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem_size
+
+    fit = [c for c in configs if footprint(c) <= SMEM_LIMIT] or [min(configs, key=footprint)]
+    return fit if AUTOTUNE else fit[:1]
+
+
+def _prune(configs, named_args, **kwargs):
+    return fitting_configs(configs, named_args["a_ptr"].element_size())
+
+
 if INTERPRET:
     _gemm = _abs_gemm_kernel
     _gemm_fp8 = _abs_gemm_kernel
 else:
     _key = ["M", "N", "K", "ABS", "UPCAST", "SCALED", "PRECISION"]
-    _configs, _fp8_configs = (_GPU_CONFIGS, _GPU_FP8_CONFIGS) if AUTOTUNE else (_GPU_CONFIGS[:1], _GPU_FP8_CONFIGS[:1])
-    # The kernel accumulates into Ω in place: every timed trial must start from the same Ω.
-    _gemm = triton.autotune(configs=_configs, key=_key, restore_value=["omega_ptr"])(_abs_gemm_kernel)
-    _gemm_fp8 = triton.autotune(configs=_fp8_configs, key=_key, restore_value=["omega_ptr"])(_abs_gemm_kernel)
+    _tune = dict(key=_key, restore_value=["omega_ptr"], prune_configs_by={"early_config_prune": _prune})
+    # The kernel accumulates into Ω in place: every timed trial must start from the same Ω (restore_value).
+    _gemm = triton.autotune(configs=_GPU_CONFIGS, **_tune)(_abs_gemm_kernel)
+    _gemm_fp8 = triton.autotune(configs=_GPU_FP8_CONFIGS, **_tune)(_abs_gemm_kernel)
 
 _COPY_BLOCK = (16, 16) if INTERPRET else (64, 128)
 

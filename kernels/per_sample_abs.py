@@ -30,7 +30,7 @@ import triton.language as tl
 
 from mas_local import reference
 
-from .abs_gemm import AUTOTUNE, INTERPRET, KERNEL_DTYPES, _notice_reference
+from .abs_gemm import INTERPRET, KERNEL_DTYPES, _notice_reference, _prune
 
 #: Upper bound of the partial buffer of a split batch (bytes).
 PARTIAL_BYTES = 64 << 20
@@ -142,9 +142,10 @@ if INTERPRET:
 else:
     # In-place accumulation (ACCUM) is restored between timed trials.
     _kernel = triton.autotune(
-        configs=_GPU_CONFIGS if AUTOTUNE else _GPU_CONFIGS[:1],
+        configs=_GPU_CONFIGS,
         key=["M", "N", "T", "ACCUM", "UPCAST", "PRECISION"],
         restore_value=["out_ptr"],
+        prune_configs_by={"early_config_prune": _prune},  # shared-memory fit; one config without AUTOTUNE
     )(_per_sample_kernel)
 
 

@@ -436,17 +436,23 @@ assert not ag.INTERPRET
 TARGET = GPUTarget("cuda", 90, 32)
 
 
+SMEM_MAX = 232448  # bytes of shared memory a block may use on sm_90
+
+
 def ptx(fn, types, consts, div16=(), num_warps=4, num_stages=3):
     """PTX for sm_90 with the specialisations a real launch on aligned, contiguous data gets."""
     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
     src = triton.compiler.ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(src, target=TARGET, options=opts).asm["ptx"]
+    kernel = triton.compile(src, target=TARGET, options=opts)
+    assert kernel.metadata.shared <= SMEM_MAX, (fn.__name__, consts, kernel.metadata.shared)
+    return kernel.asm["ptx"]
 
 
 def gemm(elem, abs_in_loop, precision, fp8=False):
-    cfg = (ag._GPU_FP8_CONFIGS if fp8 else ag._GPU_CONFIGS)[0]
+    size = {"*bf16": 2, "*fp32": 4, "*fp8e4nv": 1}[elem]
+    cfg = ag.fitting_configs(ag._GPU_FP8_CONFIGS if fp8 else ag._GPU_CONFIGS, size)[0]  # what AUTOTUNE=0 runs
     types = dict(omega_ptr="*fp32", a_ptr=elem, b_ptr=elem, scale_a_ptr="*fp32", scale_b_ptr="*fp32", M="i32",
                  N="i32", K="i32", s_ak="i32", s_am="i32", s_bk="i32", s_bn="i32", s_om="i32", s_on="i32",
                  alpha="fp32")
@@ -465,9 +471,9 @@ assert "wgmma" not in code
 code = gemm("*fp8e4nv", False, "tf32", fp8=True)
 assert "wgmma.mma_async" in code and "e4m3" in code
 
-cfg = ps._GPU_CONFIGS[0]
-for accum in (True, False):
-    types = dict(out_ptr="*fp32", a_ptr="*bf16", b_ptr="*bf16", NB="i32", T="i32", M="i32", N="i32",
+for elem, accum in (("*bf16", True), ("*bf16", False), ("*fp32", True)):
+    cfg = ag.fitting_configs(ps._GPU_CONFIGS, 2 if elem == "*bf16" else 4)[0]
+    types = dict(out_ptr="*fp32", a_ptr=elem, b_ptr=elem, NB="i32", T="i32", M="i32", N="i32",
                  per_split="i32", s_ab="i32", s_at="i32", s_bb="i32", s_bt="i32", s_os="i32", s_om="i32",
                  alpha="fp32")
     consts = dict(s_am=1, s_bn=1, s_on=1, ACCUM=accum, UPCAST=False, PRECISION="tf32", **cfg.kwargs)
