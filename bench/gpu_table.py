@@ -244,19 +244,24 @@ def per_sample_section(nb, t, in_f, out_f, dtype):
     before = rand_omega(out_f, in_f, seed=6)
     want = before.clone()
     reference.per_sample_abs_acc_(want, a, b, 1.0)
-    for be in backends_here():
+    variants = [(be, lambda o, be=be: ops.per_sample_abs_acc_(o, a, b, 1.0, backend=be)) for be in backends_here()]
+    if "triton" in backends_here():
+        from mas_local.kernels import per_sample_abs as kps
+
+        variants.append(("triton loop=nested", lambda o: kps.per_sample_abs_acc_(o, a, b, 1.0, loop="nested")))
+    for impl, call in variants:
         try:
             got = before.clone()
-            ops.per_sample_abs_acc_(got, a, b, 1.0, backend=be)
+            call(got)
             sync()
             err = rel_err(got, want, before)
             lim = 1e-2 if dtype == torch.float32 else 1e-3
-            fn = lambda be=be: ops.per_sample_abs_acc_(omega, a, b, 1.0, backend=be)
+            fn = lambda call=call: call(omega)
             t = bench_ms(fn)
-            row(work, be, t, work_amount=flops, naive=t_naive, ref=t_ref, mem=extra_mib(fn),
+            row(work, impl, t, work_amount=flops, naive=t_naive, ref=t_ref, mem=extra_mib(fn),
                 check=f"{'ok' if err <= lim else 'BAD'} {err:.1e}")
         except Exception as exc:  # noqa: BLE001
-            failed(work, be, exc)
+            failed(work, impl, exc)
 
 
 # --------------------------------------------------------------------------- Hebbian conv

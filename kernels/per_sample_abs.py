@@ -6,6 +6,13 @@ Design: one program owns a ``[BLOCK_M, BLOCK_N]`` tile of Ω and keeps the runni
 it to the running sum; after the last sample it loads the Ω tile, adds α times
 the sum and stores it once. The ``[B, out, in]`` per-sample tensor never exists.
 
+Loop structure (``loop=``): ``"flat"`` (default) runs one loop over all (sample,
+k-step) pairs, so the loads keep streaming across sample boundaries and the
+``|·|`` is added at each sample's last k-step; ``"nested"`` restarts the
+T-reduction loop per sample (its software pipeline drains and refills every
+sample: with T=512 and 64-deep k-steps only 8 steps per sample — the simple kernel
+of the planning notes, 3.1× naive). Both are kept to be measured side by side.
+
 Occupancy: with 128×128 tiles a 2048×2048 Ω has 256 tiles, ~two full waves on a
 132-SM H200, which is enough. When the tiles are fewer than the SMs (a small Ω
 would leave most of the GPU idle while it loops over b) the batch is split
@@ -24,6 +31,8 @@ interpreter, whose bf16 arithmetic is wrong). Any strides.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -39,6 +48,7 @@ FP32_DOT_PRECISION = "tf32"
 #: Tile sizes under the interpreter (one fixed config).
 INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 GPU_TILE = 128
+LOOPS = ("flat", "nested")
 
 
 @triton.jit
@@ -64,6 +74,7 @@ def _per_sample_kernel(
     ACCUM: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -92,25 +103,48 @@ def _per_sample_kernel(
     b_lo = split * per_split
     b_hi = tl.minimum(b_lo + per_split, NB)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_sample = a_ptr + b_lo.to(tl.int64) * s_ab  # 64-bit pointer steps: B·T·out may pass 2³¹
-    b_sample = b_ptr + b_lo.to(tl.int64) * s_bb
-    for _ in range(b_lo, b_hi):
-        a_ptrs = a_sample + a_tile
-        b_ptrs = b_sample + b_tile
+    first = b_lo.to(tl.int64)  # 64-bit sample offsets: B·T·out may pass 2³¹
+    if FLAT:
+        # One loop over (sample, k-step) pairs: the load pipeline runs on across samples,
+        # and at the last k-step of a sample its |A_bᵀB_b| tile is added to the total.
+        n_k = tl.cdiv(T, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(T, BLOCK_K)):
-            k_ok = rk < T - k * BLOCK_K
+        for it in range(0, (b_hi - b_lo) * n_k):
+            sample = first + it // n_k
+            k0 = (it % n_k) * BLOCK_K
+            k_ok = rk < T - k0
+            a_ptrs = a_ptr + sample * s_ab + k0 * s_at + a_tile
+            b_ptrs = b_ptr + sample * s_bb + k0 * s_bt + b_tile
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * s_at
-            b_ptrs += BLOCK_K * s_bt
-        total += tl.abs(acc)
-        a_sample += s_ab
-        b_sample += s_bb
+            if it % n_k == n_k - 1:
+                total += tl.abs(acc)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        # Nested loops: per sample, a fresh T-reduction (the pipeline refills per sample).
+        a_sample = a_ptr + first * s_ab
+        b_sample = b_ptr + first * s_bb
+        for _ in range(b_lo, b_hi):
+            a_ptrs = a_sample + a_tile
+            b_ptrs = b_sample + b_tile
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, tl.cdiv(T, BLOCK_K)):
+                k_ok = rk < T - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                a_ptrs += BLOCK_K * s_at
+                b_ptrs += BLOCK_K * s_bt
+            total += tl.abs(acc)
+            a_sample += s_ab
+            b_sample += s_bb
     mask = m_ok[:, None] & n_ok[None, :]
     o_ptrs = out_ptr + split.to(tl.int64) * s_os + rm64[:, None] * s_om + rn64[None, :] * s_on
     if ACCUM:
@@ -143,7 +177,7 @@ else:
     # In-place accumulation (ACCUM) is restored between timed trials.
     _kernel = triton.autotune(
         configs=_GPU_CONFIGS,
-        key=["M", "N", "T", "ACCUM", "UPCAST", "PRECISION"],
+        key=["M", "N", "T", "ACCUM", "UPCAST", "PRECISION", "FLAT"],
         restore_value=["out_ptr"],
         prune_configs_by={"early_config_prune": _prune},  # shared-memory fit; one config without AUTOTUNE
     )(_per_sample_kernel)
@@ -164,11 +198,13 @@ def choose_split(omega: torch.Tensor, batch: int) -> int:
     return split if split >= 2 else 1
 
 
-def per_sample_abs_acc_(omega, a, b, alpha: float, split: int | None = None) -> None:
+def per_sample_abs_acc_(omega, a, b, alpha: float, split: int | None = None, loop: str | None = None) -> None:
     """``omega += alpha * Σ_b |a_bᵀ b_b|``; a ``[B, T, out]``, b ``[B, T, in]``, omega fp32 ``[out, in]``.
 
     ``split`` (``None``: chosen by :func:`choose_split`) splits the batch over a
-    second grid axis with a deterministic partial buffer; see the module docstring.
+    second grid axis with a deterministic partial buffer; ``loop`` (``None``: the
+    environment variable ``MAS_LOCAL_TRITON_PER_SAMPLE``, else ``"flat"``) picks the
+    loop structure; see the module docstring.
     """
     if a.dtype not in KERNEL_DTYPES or b.dtype not in KERNEL_DTYPES:
         _notice_reference("per_sample_abs_acc_", f"{a.dtype}/{b.dtype} operands")
@@ -206,7 +242,10 @@ def per_sample_abs_acc_(omega, a, b, alpha: float, split: int | None = None) -> 
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         s_os, s_om, s_on, float(alpha),
     )
-    meta = dict(ACCUM=accum, UPCAST=upcast, PRECISION=precision)
+    loop = loop or os.environ.get("MAS_LOCAL_TRITON_PER_SAMPLE", "flat")
+    if loop not in LOOPS:
+        raise ValueError(f"per_sample_abs_acc_ (triton): loop must be one of {LOOPS}, got {loop!r}")
+    meta = dict(ACCUM=accum, UPCAST=upcast, PRECISION=precision, FLAT=loop == "flat")
     if INTERPRET:
         grid = (triton.cdiv(m, INTERPRET_BLOCKS["BLOCK_M"]) * triton.cdiv(n, INTERPRET_BLOCKS["BLOCK_N"]), split)
         _per_sample_kernel[grid](*args, **meta, **INTERPRET_BLOCKS)

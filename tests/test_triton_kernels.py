@@ -215,20 +215,21 @@ def test_fp8_prepass_layout_and_scales():
 # --------------------------------------------------------------------------- per-sample
 
 
-PS_SHAPES = [(1, 1, 1, 1), (3, 19, 21, 33), (2, 40, 17, 5), (5, 1, 16, 16)]  # (B, T, out, in)
+PS_SHAPES = [(1, 1, 1, 1), (3, 19, 21, 33), (2, 40, 17, 5), (5, 1, 16, 16), (3, 32, 16, 17)]  # (B, T, out, in)
 
 
+@pytest.mark.parametrize("loop", ["flat", "nested"])
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", PS_SHAPES)
-def test_per_sample_matches_reference(shape, dtype, split):
+def test_per_sample_matches_reference(shape, dtype, split, loop):
     nb, t, m, n = shape
     a, b = randn(nb, t, m, dtype=dtype, seed=12), randn(nb, t, n, dtype=dtype, seed=13)
     omega = rand_omega(m, n)
     want = omega.clone()
     reference.per_sample_abs_acc_(want, a, b, 0.25)
     got = omega.clone()
-    K.per_sample_abs.per_sample_abs_acc_(got, a, b, 0.25, split=split)
+    K.per_sample_abs.per_sample_abs_acc_(got, a, b, 0.25, split=split, loop=loop)
     assert_acc_close(got, omega, want, gemm_rtol(dtype))
 
 
@@ -394,8 +395,9 @@ def test_gpu_abs_gemm_fast_fp8(shape):
 
 @needs_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("loop", ["flat", "nested"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_per_sample_auto_split(dtype):
+def test_gpu_per_sample_auto_split(dtype, loop):
     nb, t, m, n = 8, 130, 256, 200  # few tiles: choose_split picks > 1
     a, b = randn(nb, t, m, dtype=dtype, seed=34), randn(nb, t, n, dtype=dtype, seed=35)
     assert K.per_sample_abs.choose_split(rand_omega(m, n), nb) > 1
@@ -403,7 +405,7 @@ def test_gpu_per_sample_auto_split(dtype):
     want = omega.clone()
     reference.per_sample_abs_acc_(want, a, b, 0.5)
     got = omega.clone()
-    K.per_sample_abs_acc_(got, a, b, 0.5)
+    K.per_sample_abs.per_sample_abs_acc_(got, a, b, 0.5, loop=loop)
     assert_acc_close(got, omega, want, gemm_rtol(dtype))
 
 
@@ -471,12 +473,12 @@ assert "wgmma" not in code
 code = gemm("*fp8e4nv", False, "tf32", fp8=True)
 assert "wgmma.mma_async" in code and "e4m3" in code
 
-for elem, accum in (("*bf16", True), ("*bf16", False), ("*fp32", True)):
+for elem, accum in (("*bf16", True), ("*bf16", False), ("*fp32", True)):  # FLAT=accum: both loop forms
     cfg = ag.fitting_configs(ps._GPU_CONFIGS, 2 if elem == "*bf16" else 4)[0]
     types = dict(out_ptr="*fp32", a_ptr=elem, b_ptr=elem, NB="i32", T="i32", M="i32", N="i32",
                  per_split="i32", s_ab="i32", s_at="i32", s_bb="i32", s_bt="i32", s_os="i32", s_om="i32",
                  alpha="fp32")
-    consts = dict(s_am=1, s_bn=1, s_on=1, ACCUM=accum, UPCAST=False, PRECISION="tf32", **cfg.kwargs)
+    consts = dict(s_am=1, s_bn=1, s_on=1, ACCUM=accum, UPCAST=False, PRECISION="tf32", FLAT=accum, **cfg.kwargs)
     div = ("out_ptr", "a_ptr", "b_ptr", "T", "M", "N", "s_ab", "s_at", "s_bb", "s_bt", "s_os", "s_om")
     code = ptx(ps._per_sample_kernel, types, consts, div, cfg.num_warps, cfg.num_stages)
     assert "wgmma.mma_async" in code and "cp.async" in code
