@@ -368,6 +368,7 @@ def penalty_section(n_tensors, side, odtype, lam=0.5):
         def whole(gs, ps, as_, os_):
             return torch.stack([step(g, p, a, o) for g, p, a, o in zip(gs, ps, as_, os_)]).sum() * lam
 
+        whole_ok = False
         try:  # the whole list in one compiled graph (what DESIGN.md's 8.14 ms measured)
             t0 = time.perf_counter()
             cwhole = torch.compile(whole, dynamic=False)
@@ -377,9 +378,12 @@ def penalty_section(n_tensors, side, odtype, lam=0.5):
             t = bench_ms(lambda: cwhole(grads, params, anchors, omegas))
             row(work, "torch.compile (whole list)", t, work_amount=nbytes, unit="GB/s", naive=t_naive, ref=floor_ms,
                 note=f"compile {took:.0f} s")
+            whole_ok = True
         except Exception as exc:  # noqa: BLE001
             failed(work, "torch.compile (whole list)", exc)
         try:
+            if whole_ok:  # the per-tensor form only as a fallback: compiling costs bench time
+                return
             cstep = torch.compile(step, dynamic=False)
 
             def per_tensor():
