@@ -7,7 +7,8 @@ signatures of :mod:`mas_local.reference`; :mod:`mas_local.backend` dispatches to
 
 Importing needs ``triton`` (an ``ImportError`` otherwise, which the dispatcher
 reports as "absent"). The kernels run on CUDA tensors, and on CPU tensors only
-when ``TRITON_INTERPRET=1`` was set before this package was imported.
+when ``TRITON_INTERPRET=1`` was set before ``triton`` was first imported (and
+then not on CUDA tensors).
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ def supports(device) -> str | None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available to torch"
+        if INTERPRET or INTERPRET_TOO_LATE:
+            # Interpreted kernels would copy each CUDA tensor to the host; the penalty's
+            # multi-tensor addressing relies on real device addresses.
+            return "TRITON_INTERPRET=1 is set: the kernels are defined for the interpreter, not for the GPU"
         return None
     if device.type == "cpu":
         if INTERPRET:
             return None
         if INTERPRET_TOO_LATE:
             return "TRITON_INTERPRET=1 was set after triton had been imported; set it before importing triton"
-        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1, set before mas_local.kernels is imported"
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1, set before triton is first imported"
     return f"Triton kernels do not support device type {device.type!r}"
