@@ -3,6 +3,8 @@
 ``MAS_BENCH_DEVICE``  ``cpu`` or ``cuda`` (default: ``cuda`` when a GPU is visible).
 ``MAS_BENCH_SIZE``    ``cpu`` (small shapes, seconds on a 2-core machine) or ``gpu``
                       (the DESIGN.md §5 shapes); default follows the device.
+``MAS_BENCH_THREADS`` torch CPU threads (default: torch's own choice). On a shared
+                      CPU, 1 avoids oversubscription, which otherwise dominates timings.
 
 Run: ``make bench`` (CPU set) or
 ``MAS_BENCH_SIZE=gpu pytest -q bench --benchmark-only --benchmark-json=bench/results/<name>.json``.
@@ -10,10 +12,15 @@ Run: ``make bench`` (CPU set) or
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from .helpers import bench_device, bench_size
+
+if os.environ.get("MAS_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["MAS_BENCH_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +39,6 @@ def pytest_report_header(config):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Record how busy the machine was: timings on a shared CPU move with its load."""
-    import os
-
     try:
         machine_info["load_average_1_5_15"] = list(os.getloadavg())
     except (AttributeError, OSError):
