@@ -1027,6 +1027,9 @@ def run_pass(
     finally:
         for m, t in was_training.items():
             m.training = t
+        from .distributed import reshard
+
+        reshard(model)  # FSDP2 keeps the root unsharded after a forward without backward
     if est.batches == 0 and not allow_empty:
         raise ImportanceError("data yielded no batches; importance needs at least one")
     if math.isnan(float(est.samples)):
