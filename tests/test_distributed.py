@@ -138,6 +138,18 @@ def _worker(rank, port, out_dir):
                 ml.distributed.local(v).numel() for v in mas.anchors.values()
             )
         res["fsdp_report"] = dict(mas.memory_report()["total"])
+        # state dicts: a sharded state loads into another sharded MAS; a full (single-process) state is sharded
+        other = ml.MAS(model, mode="local", estimator="batch", progress=False)
+        other.load_state_dict(mas.state_dict())
+        res["fsdp_sd_sharded"] = all(
+            ml.distributed.is_dtensor(other.importance[k]) and torch.equal(other.importance[k].to_local(), v.to_local())
+            for k, v in mas.importance.items()
+        )
+        single = ml.MAS(_model("mlp"), mode="local", estimator="batch", progress=False, sync=False)
+        single.consolidate(data)
+        other.load_state_dict(single.state_dict())
+        res["fsdp_sd_from_full"] = {k: _full(v) for k, v in other.importance.items()}
+        res["fsdp_sd_full_ref"] = single.importance
         with torch.no_grad():
             for p in model.parameters():
                 p.to_local().add_(0.05)
@@ -265,3 +277,9 @@ def test_fsdp_memory_report_and_global_mode_error(ranks):
     assert sum(rep["anchor"] for rep in reports) == 4 * total  # fp32 θ*, sharded
     for r in range(WORLD):
         assert "not supported on FSDP2" in ranks[r]["fsdp_global_error"]
+
+
+def test_fsdp_state_dicts(ranks):
+    for r in range(WORLD):
+        assert ranks[r]["fsdp_sd_sharded"]
+        _assert_dicts_close(ranks[r]["fsdp_sd_from_full"], ranks[r]["fsdp_sd_full_ref"], rtol=0, atol=0)
