@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .importance import Estimator
+
 SYNC_BUCKET_BYTES = 64 << 20
 
 try:  # torch >= 2.4
@@ -71,10 +73,14 @@ def sync_estimator(est, group: Any, bucket_bytes: int = SYNC_BUCKET_BYTES) -> No
     sums travel in flat float32 buckets of at most ``bucket_bytes``.
     """
     names = list(est.params)
+    presynced = getattr(est, "sharded", set())  # FSDP2 shards: already all-reduced batch by batch
     for name in names:
-        est.sum_of(est.params[name])  # ranks that never saw a parameter contribute zeros
+        if name not in presynced:
+            est.sum_of(est.params[name])  # ranks that never saw a parameter contribute zeros
     by_device: dict[torch.device, list[str]] = {}
     for name in names:
+        if name in presynced:
+            continue
         by_device.setdefault(est.sums[name].device, []).append(name)
     for names_on_dev in by_device.values():
         bucket: list[str] = []
@@ -92,7 +98,7 @@ def sync_estimator(est, group: Any, bucket_bytes: int = SYNC_BUCKET_BYTES) -> No
                 est.sums[k].copy_(flat[offset : offset + n].view_as(est.sums[k]))
                 offset += n
             bucket, size = ([name], 4 * est.sums[name].numel()) if name is not None else ([], 0)
-    device = est.sums[names[0]].device
+    device = local(est.params[names[0]]).device
     meta = torch.tensor(
         [est.counts[k] for k in names] + [int(k in est.seen) for k in names] + [est.samples, est.batches],
         dtype=torch.int64,
@@ -214,6 +220,86 @@ def sharded_add_penalty_grad_(mas, terms) -> Tensor:
         return sum_over_shards(parts)
 
 
+def make_estimator(model, mode, estimator, output_fn, backend, chunk_bytes, group=None):
+    """An :class:`~mas_local.importance.Estimator`, or a :class:`ShardedEstimator` for FSDP2 models."""
+    if any(is_dtensor(p) for p in model.parameters()):
+        return ShardedEstimator(model, mode, estimator, output_fn, backend, chunk_bytes, group=group)
+    return Estimator(model, mode, estimator, output_fn, backend, chunk_bytes)
+
+
+class ShardedEstimator(Estimator):
+    """Keeps only this rank's shard of the float32 sums of FSDP2 (DTensor) parameters.
+
+    The rules write a parameter's contribution into a full-size pending buffer;
+    pending buffers are all-reduced over the sync group and cut to the local shard
+    when they would exceed ``flush_bytes`` and after every batch. The transient
+    full-size memory is thus ``flush_bytes`` plus one parameter, not the model.
+    Every rank must run the same batches count (FSDP2 requires it for the forward
+    anyway): the flushes are collectives issued in the same order on all ranks.
+    """
+
+    def __init__(self, *args, group=None, flush_bytes=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
+        self.flush_bytes = SYNC_BUCKET_BYTES if flush_bytes is None else int(flush_bytes)
+        self.sharded = {n for n, p in self.params.items() if is_dtensor(p)}
+        self._pending: dict[str, Tensor] = {}
+        self._pending_bytes = 0
+
+    def sum_shape(self, p):
+        return local(p).shape if self.names[id(p)] in self.sharded else p.shape
+
+    def sum_of(self, p):
+        name = self.names[id(p)]
+        if name not in self.sharded:
+            return super().sum_of(p)
+        buf = self._pending.get(name)
+        if buf is None:
+            size = 4 * p.numel()
+            if self._pending and self._pending_bytes + size > self.flush_bytes:
+                self.flush()
+            buf = self._pending[name] = torch.zeros(p.shape, dtype=torch.float32, device=local(p).device)
+            self._pending_bytes += size
+        return buf
+
+    def flush(self) -> None:
+        """All-reduce the pending full-size contributions and add this rank's shard to the sums."""
+        if not self._pending:
+            return
+        names = list(self._pending)  # the same order on every rank
+        flat = torch.cat([self._pending[n].reshape(-1) for n in names])
+        self._pending, self._pending_bytes = {}, 0
+        if self.group is not None:
+            dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for n in names:
+            p = self.params[n]
+            full = flat[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+            shard = shard_like(full, p).to_local()
+            if n in self.sums:
+                self.sums[n].add_(shard)
+            else:
+                self.sums[n] = shard.clone()
+
+    def update(self, batch) -> None:
+        super().update(batch)
+        self.flush()
+
+    def _count_samples(self, uses, n):
+        for name in self.params:  # no materialising of full-size buffers
+            self.counts[name] += n
+
+    def result(self):
+        self.flush()
+        out = super().result()
+        for n in self.sharded:
+            p = self.params[n]
+            omega = out[n] if out[n].shape == local(p).shape else torch.zeros_like(local(p), dtype=torch.float32)
+            out[n] = DTensor.from_local(omega, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        return out
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -302,9 +388,10 @@ def memory_report(mas) -> MemoryReport:
     Sizes are those of the stored tensors once consolidated (Ω in ``omega_dtype``,
     θ* in the parameter's dtype, local shards for sharded parameters); before the
     first consolidation they are what consolidation will allocate. ``estimation``
-    is the float32 sum the importance pass keeps per parameter (full size, also for
-    sharded parameters) — transient, freed after :meth:`consolidate`; the per-sample
-    work space is bounded separately by ``chunk_bytes`` (``workspace``).
+    is the float32 sum the importance pass keeps per parameter (a local shard for
+    sharded parameters) — transient, freed after :meth:`consolidate`. ``workspace``
+    per device bounds the rest: ``chunk_bytes`` of per-sample work, plus for FSDP2
+    the pending full-size buffers (``SYNC_BUCKET_BYTES`` and the largest parameter).
     """
     params: dict[str, dict[str, Any]] = {}
     devices: dict[str, dict[str, int]] = {}
@@ -322,7 +409,7 @@ def memory_report(mas) -> MemoryReport:
             if anchor_t is not None
             else local_numel * lp.element_size()
         )
-        est_b = 4 * numel
+        est_b = 4 * (local_numel if is_dtensor(p) else numel)
         params[name] = {
             "numel": numel,
             "local_numel": local_numel,
@@ -339,8 +426,9 @@ def memory_report(mas) -> MemoryReport:
         for k, v in (("numel", numel), ("local_numel", local_numel), ("omega", omega_b), ("anchor", anchor_b)):
             tot[k] += v
         tot["estimation"] += est_b
+    largest = max((4 * p.numel() for p in mas.params.values() if is_dtensor(p)), default=0)
     for d in devices.values():
-        d["workspace"] = int(mas.chunk_bytes)
+        d["workspace"] = int(mas.chunk_bytes) + (SYNC_BUCKET_BYTES + largest if largest else 0)
     n = max(1, tot["numel"])
     return MemoryReport(
         params=params,

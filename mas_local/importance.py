@@ -849,6 +849,10 @@ class Estimator:
             self.counts[name] += n
 
     # -- checkpoints --------------------------------------------------------------
+    def sum_shape(self, p: Tensor) -> torch.Size:
+        """Shape of the sum kept for ``p`` (a subclass may keep only a shard)."""
+        return p.shape
+
     def fingerprint(self) -> dict[str, Any]:
         """What a partial pass depends on: settings and the trainable parameters' names, shapes, dtypes."""
         return {
@@ -893,7 +897,8 @@ class Estimator:
         sums = {}
         for name, t in state["sums"].items():
             p = self.params.get(name)
-            if p is None or not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape) or t.dtype != torch.float32:
+            shape = tuple(self.sum_shape(p)) if p is not None else None
+            if p is None or not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32:
                 raise ValueError(f"checkpoint sums for {name!r} do not match the parameter")
             sums[name] = t.to(p.device).clone()
         counts = state["counts"]
@@ -978,7 +983,7 @@ def compute_importance(
     from . import distributed
 
     group = distributed.resolve_group(sync, process_group)
-    est = Estimator(distributed.unwrap(model), mode, estimator, output_fn, backend, chunk_bytes)
+    est = distributed.make_estimator(distributed.unwrap(model), mode, estimator, output_fn, backend, chunk_bytes, group)
     run_pass(est, data, eval_mode=eval_mode, progress=progress, max_batches=max_batches, allow_empty=group is not None)
     if group is not None:
         distributed.sync_estimator(est, group)

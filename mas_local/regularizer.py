@@ -91,8 +91,10 @@ class MAS:
     # ---------------------------------------------------------------- consolidation
     def estimator_for_pass(self) -> Estimator:
         """A fresh :class:`~mas_local.importance.Estimator` configured like this MAS."""
-        return Estimator(
-            distributed.unwrap(self.model), self.mode, self.estimator, self.output_fn, self.backend, self.chunk_bytes
+        group = distributed.resolve_group(self.sync, self.process_group)
+        model = distributed.unwrap(self.model)
+        return distributed.make_estimator(
+            model, self.mode, self.estimator, self.output_fn, self.backend, self.chunk_bytes, group
         )
 
     def consolidate(

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mas_local as ml
+from mas_local.importance import run_pass
 from tests.models import MLP, TokenModel
 
 WORLD = 2
@@ -126,6 +127,8 @@ def _worker(rank, port, out_dir):
         data = data[:4]
 
         for mode, est in FSDP_CASES:
+            # "sample": a 256-byte flush cap, so pending full-size sums are all-reduced several times a batch
+            ml.distributed.SYNC_BUCKET_BYTES = 256 if est == "sample" else 64 << 20
             model = _model("mlp")
             for m in (model.fc1, model.fc2, model.head):
                 fully_shard(m)
@@ -138,6 +141,21 @@ def _worker(rank, port, out_dir):
                 ml.distributed.local(v).numel() for v in mas.anchors.values()
             )
         res["fsdp_report"] = dict(mas.memory_report()["total"])
+        est_obj = mas.estimator_for_pass()
+        run_pass(est_obj, data[rank::WORLD][:1], progress=False)
+        res["fsdp_estimator"] = (type(est_obj).__name__, {k: tuple(v.shape) for k, v in est_obj.sums.items()})
+        # resumable pass on the sharded model: interrupted after 1 of 2 batches, resumed
+        path = os.path.join(out_dir, "fsdp_ckpt.pt")
+        fresh = ml.MAS(model, mode="local", estimator="batch", progress=False)
+        try:
+            fresh.consolidate(_interrupted(data[rank::WORLD], 1), checkpoint_path=path, checkpoint_every=1)
+        except _Interrupt:
+            pass
+        res["fsdp_ckpt_file"] = os.path.exists(ml.distributed.rank_path(path, dist.group.WORLD))
+        resumed = fresh.consolidate(data[rank::WORLD], checkpoint_path=path, checkpoint_every=1)
+        res["fsdp_resumed_equal"] = all(
+            torch.equal(resumed[k].to_local(), mas.importance[k].to_local()) for k in resumed
+        )
         # state dicts: a sharded state loads into another sharded MAS; a full (single-process) state is sharded
         other = ml.MAS(model, mode="local", estimator="batch", progress=False)
         other.load_state_dict(mas.state_dict())
@@ -275,8 +293,18 @@ def test_fsdp_memory_report_and_global_mode_error(ranks):
     assert sum(rep["local_numel"] for rep in reports) == total
     assert sum(rep["omega"] for rep in reports) == 4 * total  # fp32 Ω, sharded
     assert sum(rep["anchor"] for rep in reports) == 4 * total  # fp32 θ*, sharded
+    assert sum(rep["estimation"] for rep in reports) == 4 * total  # the pass's fp32 sums are sharded too
     for r in range(WORLD):
         assert "not supported on FSDP2" in ranks[r]["fsdp_global_error"]
+
+
+def test_fsdp_pass_keeps_only_shards_and_resumes(ranks):
+    model = _model("mlp")
+    for r in range(WORLD):
+        name, shapes = ranks[r]["fsdp_estimator"]
+        assert name == "ShardedEstimator"
+        assert sum(torch.Size(s).numel() for s in shapes.values()) < sum(p.numel() for p in model.parameters())
+        assert ranks[r]["fsdp_ckpt_file"] and ranks[r]["fsdp_resumed_equal"]
 
 
 def test_fsdp_state_dicts(ranks):

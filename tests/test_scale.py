@@ -126,7 +126,9 @@ def test_interrupted_pass_resumes_to_the_same_omega(tmp_path, mode, est):
     assert mas.num_tasks == 0 and not mas.importance  # nothing committed
     state = torch.load(path, weights_only=True)
     assert state["batches"] == 4 and state["samples"] == sum(len(b) for b in data[:4])
-    got = mas.consolidate(data, checkpoint_path=path, checkpoint_every=2)
+    # The 4 batches in the checkpoint are skipped, not recomputed: poison them to prove it.
+    poisoned = [torch.full_like(b, float("nan")) for b in data[:4]] + data[4:]
+    got = mas.consolidate(poisoned, checkpoint_path=path, checkpoint_every=2)
     # Same float operations in the same order on CPU: bit-identical.
     for k in want:
         assert torch.equal(got[k], want[k]), k
