@@ -19,7 +19,7 @@ demo: build
 	$(PY) examples/two_tasks.py
 
 test: build
-	$(PY) -m ruff check mas_local kernels tests bench
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 
 bench: build

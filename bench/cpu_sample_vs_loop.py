@@ -68,8 +68,8 @@ def main():
     for name, model, data in cases():
         model.eval()
         n = sum(x.shape[0] for x in data)
-        t_loop, ref = timed(lambda: per_sample_loop(model, data), repeats=1)
-        t_ml, got = timed(lambda: ml.compute_importance(model, data, progress=False))
+        t_loop, ref = timed(lambda m=model, d=data: per_sample_loop(m, d), repeats=1)
+        t_ml, got = timed(lambda m=model, d=data: ml.compute_importance(m, d, progress=False))
         diff = max(
             ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
             for g, r in zip(got.values(), ref)
