@@ -4,7 +4,8 @@
 
 Prints ``MAS.memory_report()`` after a local (Hebbian) consolidation for each
 ``omega_dtype`` and the bytes per parameter this implies for a 7B bf16 model,
-unsharded and sharded over W ranks (FSDP2: Ω and θ* are sharded like the weights).
+unsharded and sharded over W ranks (FSDP2: Ω, θ* and the pass's sums are sharded like
+the weights; measured on 2 ranks in tests/test_distributed.py, scaled here as 1/W).
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ def main() -> None:
         print(f"\n=== omega_dtype={omega_dtype}, parameters bf16, {rep['total']['numel']} parameters")
         print("\n".join(str(rep).splitlines()[-3:]))
         print(f"measured bytes held by MAS: {held} = {held / rep['total']['numel']:.3f} B/param")
-        for w in (1, 8):
+        for w, how in ((1, "one device or DDP"), (8, "FSDP2 over 8 ranks")):
             kept = per["persistent"] * seven_b / w
+            sums = per["estimation"] * seven_b / w
             print(
-                f"7B bf16 model, {w} rank(s): {per['persistent'] / w:.3f} B/param kept = "
-                f"{kept / 2**30:.1f} GiB per rank; "
-                f"+ {per['estimation'] * seven_b / 2**30:.1f} GiB fp32 sums while consolidating"
+                f"7B bf16 model, {how}: {per['persistent'] / w:.3f} B/param kept = {kept / 2**30:.1f} GiB per rank; "
+                f"+ {sums / 2**30:.1f} GiB fp32 sums while consolidating"
             )
 
 

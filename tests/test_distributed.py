@@ -9,6 +9,7 @@ with a float32 tolerance (rtol 1e-5), not bit for bit.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import socket
 
@@ -45,6 +46,17 @@ def _perturb(model):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def _llama():
+    from tests.models import tiny_llama
+
+    return tiny_llama().to(torch.bfloat16)
+
+
+def _token_batches():
+    g = torch.Generator().manual_seed(5)
+    return [{"input_ids": torch.randint(0, 97, (3, 8), generator=g)} for _ in range(4)]
 
 
 def _step_input():
@@ -179,6 +191,16 @@ def _worker(rank, port, out_dir):
         model(x).pow(2).mean().backward()
         res["fsdp_fused_value"] = mas.add_penalty_grad_()
         res["fsdp_fused_grads"] = {n: _full(p.grad) for n, p in model.named_parameters()}
+        # a bf16 Llama sharded per decoder layer: local importance and the memory it costs per rank
+        if importlib.util.find_spec("transformers") is not None:
+            llama = _llama()
+            for layer in llama.model.layers:
+                fully_shard(layer)
+            fully_shard(llama)
+            mas = ml.MAS(llama, mode="local", progress=False)
+            mas.consolidate(_token_batches()[rank::WORLD])
+            res["llama_omega"] = {k: _full(v) for k, v in mas.importance.items()}
+            res["llama_report"] = dict(mas.memory_report()["bytes_per_param"])
         try:
             ml.MAS(model, mode="global", progress=False).consolidate(data[rank::WORLD])
             res["fsdp_global_error"] = None
@@ -311,3 +333,13 @@ def test_fsdp_state_dicts(ranks):
     for r in range(WORLD):
         assert ranks[r]["fsdp_sd_sharded"]
         _assert_dicts_close(ranks[r]["fsdp_sd_from_full"], ranks[r]["fsdp_sd_full_ref"], rtol=0, atol=0)
+
+
+def test_fsdp_bf16_llama_importance_and_memory(ranks):
+    pytest.importorskip("transformers")
+    want = ml.compute_importance(_llama(), _token_batches(), mode="local", progress=False)
+    for r in range(WORLD):
+        _assert_dicts_close(ranks[r]["llama_omega"], want)
+        rep = ranks[r]["llama_report"]  # bytes per parameter of the whole model, on this rank
+        assert rep["persistent"] == pytest.approx(6.0 / WORLD, rel=0.02)  # (fp32 Ω 4 + bf16 θ* 2) / W
+        assert rep["estimation"] == pytest.approx(4.0 / WORLD, rel=0.02)  # fp32 sums / W
