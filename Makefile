@@ -20,6 +20,7 @@ demo: build
 
 test: build
 	$(PY) -m ruff check .
+	bash csrc/check_cuda_compile.sh
 	$(PY) -m pytest -q -ra
 
 bench: build

@@ -1,0 +1,44 @@
+"""Triton backend of mas-local (installed as ``mas_local.kernels``).
+
+One file per op, each with its ``@triton.jit`` kernels and launcher:
+:mod:`.abs_gemm` (``Ω += α|A|ᵀ|B|``), :mod:`.per_sample_abs` (``Ω += α Σ_b |A_bᵀB_b|``),
+:mod:`.penalty` (``grad += 2λΩ(θ−θ*)`` and ``λΣΩ(θ−θ*)²``). The functions have the
+signatures of :mod:`mas_local.reference`; :mod:`mas_local.backend` dispatches to them.
+
+Importing needs ``triton`` (an ``ImportError`` otherwise, which the dispatcher
+reports as "absent"). The kernels run on CUDA tensors, and on CPU tensors only
+when ``TRITON_INTERPRET=1`` was set before ``triton`` was first imported (and
+then not on CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import triton  # noqa: F401  (ImportError here means: no Triton backend)
+
+from .abs_gemm import INTERPRET, INTERPRET_TOO_LATE, abs_gemm_acc_
+from .penalty import penalty_grad_
+from .per_sample_abs import per_sample_abs_acc_
+
+__all__ = ["abs_gemm_acc_", "per_sample_abs_acc_", "penalty_grad_", "supports", "INTERPRET"]
+
+
+def supports(device) -> str | None:
+    """``None`` if the kernels can run on tensors of ``device``, else the reason they cannot."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available to torch"
+        if INTERPRET or INTERPRET_TOO_LATE:
+            # Interpreted kernels would copy each CUDA tensor to the host; the penalty's
+            # multi-tensor addressing relies on real device addresses.
+            return "TRITON_INTERPRET=1 is set: the kernels are defined for the interpreter, not for the GPU"
+        return None
+    if device.type == "cpu":
+        if INTERPRET:
+            return None
+        if INTERPRET_TOO_LATE:
+            return "TRITON_INTERPRET=1 was set after triton had been imported; set it before importing triton"
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1, set before triton is first imported"
+    return f"Triton kernels do not support device type {device.type!r}"
