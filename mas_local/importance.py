@@ -620,10 +620,12 @@ class Estimator:
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
         site = Site(module, own, args, kwargs, tensors, spec)
-        # FSDP2 swaps in unsharded parameters for the forward and frees them afterwards: keep copies.
-        swapped = {k: getattr(module, k, p) for k, p in own.items()}
-        if any(t is not own[k] for k, t in swapped.items()):
-            site.live = {k: t.detach().clone() for k, t in swapped.items()}
+        # FSDP2 swaps in unsharded parameters for the forward and frees them afterwards: the generic rule
+        # re-runs the module, so it keeps copies (Linear/Conv/Embedding rules never read parameter values).
+        if rule_for(module) is _GENERIC:
+            swapped = {k: getattr(module, k, p) for k, p in own.items()}
+            if any(t is not own[k] for k, t in swapped.items()):
+                site.live = {k: t.detach().clone() for k, t in swapped.items()}
         site.versions = [t._version for t in _tensor_leaves((args, kwargs)) + tensors]
         self._sites.append(site)
         if self._clone:
