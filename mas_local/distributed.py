@@ -133,15 +133,81 @@ def reshard(model: nn.Module) -> bool:
 
 
 def check_sharded(model: nn.Module, mode: str) -> None:
-    """FSDP2 models: re-shard, and refuse what is not supported (global mode) with a clear error."""
-    if reshard(model) and mode == "global":
-        from .importance import ImportanceError
+    """FSDP2 models: put the parameters back in their sharded state before a pass collects them."""
+    reshard(model)
 
-        raise ImportanceError(
-            "global-mode importance is not supported on FSDP2-sharded models yet (its backward pass needs "
-            "FSDP's own backward hooks); use mode='local' (hebbian/sample/batch), or estimate on an unsharded "
-            "copy and load the result with MAS.commit(...)"
-        )
+
+def _reshards_after_forward(module) -> bool:
+    """Whether an FSDP2 module frees its unsharded parameters after forward (private state; True if unknown)."""
+    try:
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        return any(g.post_forward_mesh_info is not None for g in groups)
+    except Exception:  # pragma: no cover - another torch version's internals
+        return True
+
+
+class _HoldUnsharded:
+    """Keep FSDP2 parameters unsharded from the forward to the end of the importance backward of one batch.
+
+    Global mode back-propagates to each layer's output with ``torch.autograd.grad``, which does not
+    drive FSDP2's re-gathering backward hooks; so for each batch the gathered parameters stay alive
+    (like ``reshard_after_forward=False``) and are freed afterwards. Costs the unsharded model per rank
+    during one batch of a global pass.
+    """
+
+    def __init__(self, model: nn.Module):
+        from torch.distributed.fsdp import FSDPModule
+
+        self.saved = [(m, _reshards_after_forward(m)) for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for m, _ in self.saved:
+            m.set_reshard_after_forward(False, recurse=False)
+
+    def __exit__(self, *exc):
+        for m, was in self.saved:
+            m.set_reshard_after_forward(was, recurse=False)
+        for m, _ in self.saved:
+            m.reshard()
+
+
+class _Bare(nn.Module):
+    """Runs a module's own ``forward`` without its hooks (FSDP2's would re-gather and swap parameters)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner.forward(*args, **kwargs)
+
+
+def without_fsdp_hooks(module: nn.Module, params: dict[str, Tensor]) -> tuple[nn.Module, dict[str, Tensor]]:
+    """For re-running an FSDP2 module functionally: the module and parameter names to pass to functional_call."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return module, params
+    if not isinstance(module, FSDPModule):
+        return module, params
+    return _Bare(module), {f"inner.{k}": v for k, v in params.items()}
+
+
+def full_params(module: nn.Module, own: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """Copies of the full parameter values a module used in its forward, when they are not ``own`` (FSDP2).
+
+    Inside the forward FSDP2 swaps in unsharded parameters (copied here); once a module's own
+    post-forward hook has re-sharded them, the sharded DTensors are gathered (a collective, issued
+    in the same module order on every rank). ``None`` for ordinary modules.
+    """
+    current = {k: getattr(module, k, p) for k, p in own.items()}
+    if all(t is own[k] and not is_dtensor(t) for k, t in current.items()):
+        return None
+    return {k: (t.full_tensor() if is_dtensor(t) else t).detach().clone() for k, t in current.items()}
 
 
 def is_dtensor(t: Any) -> bool:
@@ -158,7 +224,7 @@ def shard_like(full: Tensor, param: Tensor) -> Tensor:
     if not is_dtensor(param):
         return full
     # Every rank holds the same full tensor, so each takes its own piece without communication.
-    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    return distribute_tensor(full.detach(), param.device_mesh, param.placements, src_data_rank=None)
 
 
 def shard_groups(param: Tensor) -> list[Any]:
@@ -282,8 +348,14 @@ class ShardedEstimator(Estimator):
             else:
                 self.sums[n] = shard.clone()
 
+    batch_by_autograd = False  # the sharded parameters are not in the graph: use the per-module rules
+
     def update(self, batch) -> None:
-        super().update(batch)
+        if self.mode == "global":
+            with _HoldUnsharded(self.model):
+                super().update(batch)
+        else:
+            super().update(batch)
         self.flush()
 
     def _count_samples(self, uses, n):

@@ -437,7 +437,10 @@ class GenericRule(Rule):
     """Any module: per-sample vector-Jacobian products of its own forward through torch.func."""
 
     def _call(self, site: Site, params: dict[str, Tensor], args, kwargs) -> list[Tensor]:
-        out = torch.func.functional_call(site.module, params, args, kwargs)
+        from .distributed import without_fsdp_hooks
+
+        module, params = without_fsdp_hooks(site.module, params)
+        out = torch.func.functional_call(module, params, args, kwargs)
         return _tensor_leaves(out)
 
     def _split(self, site: Site, n: int):
@@ -522,6 +525,9 @@ class Estimator:
     ``update(batch)`` processes one batch; ``result()`` returns Ω = sums / counts.
     ``sums``/``counts`` (keyed by parameter name) can be merged across processes.
     """
+
+    # global/batch: one autograd.grad w.r.t. the parameters (False: through the per-module rules)
+    batch_by_autograd = True
 
     def __init__(
         self,
@@ -620,12 +626,12 @@ class Estimator:
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
         site = Site(module, own, args, kwargs, tensors, spec)
-        # FSDP2 swaps in unsharded parameters for the forward and frees them afterwards: the generic rule
-        # re-runs the module, so it keeps copies (Linear/Conv/Embedding rules never read parameter values).
+        # FSDP2: the generic rule re-runs the module, so it needs the full parameter values, which FSDP2
+        # frees after the forward (Linear/Conv/Embedding rules never read parameter values).
         if rule_for(module) is _GENERIC:
-            swapped = {k: getattr(module, k, p) for k, p in own.items()}
-            if any(t is not own[k] for k, t in swapped.items()):
-                site.live = {k: t.detach().clone() for k, t in swapped.items()}
+            from .distributed import full_params
+
+            site.live = full_params(module, own)
         site.versions = [t._version for t in _tensor_leaves((args, kwargs)) + tensors]
         self._sites.append(site)
         if self._clone:
@@ -698,7 +704,7 @@ class Estimator:
 
     def _update(self, batch: Any, n: int) -> None:
         self.n = n
-        if self.mode == "global" and self.estimator == "batch":
+        if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
             self._global_batch(batch, n)
             return
         for attempt in range(2):
