@@ -12,8 +12,9 @@ MAS names parameters as the *inner* module does (no ``module.`` prefix), so
 Sharded models. With FSDP2 (``fully_shard``) parameters are ``DTensor`` shards;
 Ω and θ* are stored as ``DTensor`` with the parameter's mesh and placements (each
 rank keeps only its shard); the penalty runs on the local shards and its value is
-summed over the sharded mesh dimensions. Estimation accumulates full-size float32
-sums on each rank during the pass (transient) and keeps only the local shard.
+summed over the sharded mesh dimensions. The importance pass (``ShardedEstimator``)
+keeps only the local shard of its float32 sums: contributions go to bounded
+full-size pending buffers that are all-reduced and cut to the shard.
 
 The rest: atomic checkpoint files for resumable passes, and the memory report.
 """

@@ -193,14 +193,15 @@ def _worker(rank, port, out_dir):
         res["fsdp_fused_grads"] = {n: _full(p.grad) for n, p in model.named_parameters()}
         # a bf16 Llama sharded per decoder layer: local importance and the memory it costs per rank
         if importlib.util.find_spec("transformers") is not None:
-            llama = _llama()
-            for layer in llama.model.layers:
-                fully_shard(layer)
-            fully_shard(llama)
-            mas = ml.MAS(llama, mode="local", progress=False)
-            mas.consolidate(_token_batches()[rank::WORLD])
-            res["llama_omega"] = {k: _full(v) for k, v in mas.importance.items()}
-            res["llama_report"] = dict(mas.memory_report()["bytes_per_param"])
+            for mode in ("local", "global"):
+                llama = _llama()
+                for layer in llama.model.layers:
+                    fully_shard(layer)
+                fully_shard(llama)
+                mas = ml.MAS(llama, mode=mode, progress=False)
+                mas.consolidate(_token_batches()[rank::WORLD])
+                res["llama_omega", mode] = {k: _full(v) for k, v in mas.importance.items()}
+                res["llama_report", mode] = dict(mas.memory_report()["bytes_per_param"])
     finally:
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -328,11 +329,12 @@ def test_fsdp_state_dicts(ranks):
         _assert_dicts_close(ranks[r]["fsdp_sd_from_full"], ranks[r]["fsdp_sd_full_ref"], rtol=0, atol=0)
 
 
-def test_fsdp_bf16_llama_importance_and_memory(ranks):
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_fsdp_bf16_llama_importance_and_memory(ranks, mode):
     pytest.importorskip("transformers")
-    want = ml.compute_importance(_llama(), _token_batches(), mode="local", progress=False)
+    want = ml.compute_importance(_llama(), _token_batches(), mode=mode, progress=False)
     for r in range(WORLD):
-        _assert_dicts_close(ranks[r]["llama_omega"], want)
-        rep = ranks[r]["llama_report"]  # bytes per parameter of the whole model, on this rank
+        _assert_dicts_close(ranks[r]["llama_omega", mode], want)
+        rep = ranks[r]["llama_report", mode]  # bytes per parameter of the whole model, on this rank
         assert rep["persistent"] == pytest.approx(6.0 / WORLD, rel=0.02)  # (fp32 Ω 4 + bf16 θ* 2) / W
         assert rep["estimation"] == pytest.approx(4.0 / WORLD, rel=0.02)  # fp32 sums / W
