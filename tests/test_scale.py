@@ -225,3 +225,21 @@ def test_consolidate_and_penalty_under_autocast():
     loss.backward()
     value = mas.add_penalty_grad_()  # after an autocast backward: fp32 grads, fp32 value
     assert value.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- sync option without a process group
+
+
+def test_sync_option_without_process_group():
+    data = _batches()
+    want = ml.compute_importance(_mlp(), data, progress=False)
+    for sync in (None, False):  # nothing initialised: a plain single-process pass
+        got = ml.compute_importance(_mlp(), data, progress=False, sync=sync)
+        for k in want:
+            assert torch.equal(got[k], want[k])
+    with pytest.raises(RuntimeError, match="process group"):
+        ml.compute_importance(_mlp(), data, progress=False, sync=True)
+    with pytest.raises(RuntimeError, match="process group"):
+        ml.MAS(_mlp(), sync=True)
+    with pytest.raises(ValueError, match="sync"):
+        ml.MAS(_mlp(), sync="yes")
