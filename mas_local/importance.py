@@ -51,6 +51,7 @@ MODES = ("global", "local")
 ESTIMATORS = {"global": ("sample", "batch"), "local": ("hebbian", "sample", "batch")}
 DEFAULT_ESTIMATOR = {"global": "sample", "local": "hebbian"}
 DEFAULT_CHUNK_BYTES = 256 << 20
+_CHECKPOINT_VERSION = 1
 
 
 class ImportanceError(RuntimeError):
@@ -153,6 +154,7 @@ class Site:
     out_spec: Any
     versions: list[int] = field(default_factory=list)
     deltas: list[Tensor | None] = field(default_factory=list)
+    live: dict[str, Tensor] | None = None  # the tensors the module used, when not its registered params (FSDP2)
 
     @property
     def x(self) -> Tensor:
@@ -435,7 +437,10 @@ class GenericRule(Rule):
     """Any module: per-sample vector-Jacobian products of its own forward through torch.func."""
 
     def _call(self, site: Site, params: dict[str, Tensor], args, kwargs) -> list[Tensor]:
-        out = torch.func.functional_call(site.module, params, args, kwargs)
+        from .distributed import without_fsdp_hooks
+
+        module, params = without_fsdp_hooks(site.module, params)
+        out = torch.func.functional_call(module, params, args, kwargs)
         return _tensor_leaves(out)
 
     def _split(self, site: Site, n: int):
@@ -448,7 +453,7 @@ class GenericRule(Rule):
         leaves, spec, batched = self._split(site, n)
         live = [i for i, d in enumerate(site.deltas) if d is not None]
         names = list(site.params)
-        detached = {k: p.detach() for k, p in site.params.items()}
+        detached = {k: p.detach() for k, p in (site.live or site.params).items()}
 
         def vjp_of_sample(params, sample_leaves, sample_deltas):
             full = list(leaves)
@@ -521,6 +526,9 @@ class Estimator:
     ``sums``/``counts`` (keyed by parameter name) can be merged across processes.
     """
 
+    # global/batch: one autograd.grad w.r.t. the parameters (False: through the per-module rules)
+    batch_by_autograd = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -534,6 +542,9 @@ class Estimator:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.mode, self.estimator = resolve_mode(mode, estimator)
+        from .distributed import check_sharded
+
+        check_sharded(model, self.mode)
         self.output_fn = output_fn or default_output_fn
         self.backend = backend
         if chunk_bytes <= 0:
@@ -556,6 +567,7 @@ class Estimator:
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if own:
                 self.owners.append((module, own))
+        self._device_type = next(iter(self.params.values())).device.type
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {name: 0 for name in self.params}
         self.seen: set[str] = set()  # parameters some site reported
@@ -614,6 +626,12 @@ class Estimator:
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
         site = Site(module, own, args, kwargs, tensors, spec)
+        # FSDP2: the generic rule re-runs the module, so it needs the full parameter values, which FSDP2
+        # frees after the forward (Linear/Conv/Embedding rules never read parameter values).
+        if rule_for(module) is _GENERIC:
+            from .distributed import full_params
+
+            site.live = full_params(module, own)
         site.versions = [t._version for t in _tensor_leaves((args, kwargs)) + tensors]
         self._sites.append(site)
         if self._clone:
@@ -686,7 +704,7 @@ class Estimator:
 
     def _update(self, batch: Any, n: int) -> None:
         self.n = n
-        if self.mode == "global" and self.estimator == "batch":
+        if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
             self._global_batch(batch, n)
             return
         for attempt in range(2):
@@ -712,7 +730,9 @@ class Estimator:
                         )
                         continue
                     raise ImportanceError("captured tensors changed in place even on copies")
-                self._reduce(sites)
+                # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
+                with torch.autocast(self._device_type, enabled=False):
+                    self._reduce(sites)
                 return
             finally:
                 self._clone = False
@@ -836,6 +856,68 @@ class Estimator:
             self.sum_of(p)
             self.counts[name] += n
 
+    # -- checkpoints --------------------------------------------------------------
+    def sum_shape(self, p: Tensor) -> torch.Size:
+        """Shape of the sum kept for ``p`` (a subclass may keep only a shard)."""
+        return p.shape
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a partial pass depends on: settings and the trainable parameters' names, shapes, dtypes."""
+        return {
+            "mode": self.mode,
+            "estimator": self.estimator,
+            "params": [[name, list(p.shape), str(p.dtype).replace("torch.", "")] for name, p in self.params.items()],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The partial statistics of this pass (sums, counts, samples, batches seen) and the fingerprint.
+
+        Plain tensors, ints and strings only: loads with ``torch.load(weights_only=True)``.
+        """
+        return {
+            "version": _CHECKPOINT_VERSION,
+            "fingerprint": self.fingerprint(),
+            "sums": {k: v.detach().cpu().clone() for k, v in self.sums.items()},
+            "counts": dict(self.counts),
+            "seen": sorted(self.seen),
+            "samples": int(self.samples),
+            "batches": int(self.batches),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; refuses a state from another model or other settings."""
+        if not isinstance(state, Mapping) or "fingerprint" not in state or "sums" not in state:
+            raise ValueError("not an importance-pass checkpoint (missing 'fingerprint'/'sums')")
+        if state.get("version") != _CHECKPOINT_VERSION:
+            raise ValueError(f"unsupported checkpoint version {state.get('version')!r}; expected {_CHECKPOINT_VERSION}")
+        want, got = self.fingerprint(), state["fingerprint"]
+        for key in ("mode", "estimator"):
+            if got.get(key) != want[key]:
+                raise ValueError(f"checkpoint was made with {key}={got.get(key)!r}, this pass uses {want[key]!r}")
+        if [list(x) for x in got.get("params", [])] != want["params"]:
+            theirs = {x[0]: x for x in got.get("params", [])}
+            diff = [x for x in want["params"] if theirs.get(x[0]) != x]
+            extra = sorted(set(theirs) - set(self.params))
+            raise ValueError(
+                "checkpoint is from another model: parameters differ in name, shape or dtype "
+                f"(first mismatches: {diff[:3]}, unknown names: {extra[:3]})"
+            )
+        sums = {}
+        for name, t in state["sums"].items():
+            p = self.params.get(name)
+            shape = tuple(self.sum_shape(p)) if p is not None else None
+            if p is None or not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32:
+                raise ValueError(f"checkpoint sums for {name!r} do not match the parameter")
+            sums[name] = t.to(p.device).clone()
+        counts = state["counts"]
+        if set(counts) != set(self.params):
+            raise ValueError("checkpoint counts do not match the parameters")
+        self.sums = sums
+        self.counts = {k: int(counts[k]) for k in self.params}
+        self.seen = set(state.get("seen", []))
+        self.samples = int(state["samples"])
+        self.batches = int(state["batches"])
+
     # -- result -----------------------------------------------------------------
     def uncovered(self) -> list[str]:
         """Trainable parameters whose module never ran (global batch covers all through autograd)."""
@@ -875,6 +957,8 @@ def compute_importance(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
     max_batches: int | None = None,
+    sync: bool | None = None,
+    process_group: Any = None,
 ) -> dict[str, Tensor]:
     """Estimate MAS importance Ω for every trainable parameter of ``model``.
 
@@ -894,13 +978,23 @@ def compute_importance(
         chunk_bytes: memory bound for the per-sample work of one layer call.
         progress: show a progress bar (tqdm; hidden when stderr is not a terminal).
         max_batches: stop after this many batches.
+        sync: under ``torch.distributed`` each rank passes its own share of the data and
+            the statistics are all-reduced, so every rank returns the Ω of all the data.
+            ``None`` (default): sync when a process group with more than one rank is
+            initialised; ``False``: this rank's data only; ``True``: require a group.
+        process_group: the group to sync over (default: the world).
 
     Returns:
         ``{parameter name: Ω}``, float32, on each parameter's device. Parameters with
         ``requires_grad=False`` are left out (and logged).
     """
-    est = Estimator(model, mode, estimator, output_fn, backend, chunk_bytes)
-    run_pass(est, data, eval_mode=eval_mode, progress=progress, max_batches=max_batches)
+    from . import distributed
+
+    group = distributed.resolve_group(sync, process_group)
+    est = distributed.make_estimator(distributed.unwrap(model), mode, estimator, output_fn, backend, chunk_bytes, group)
+    run_pass(est, data, eval_mode=eval_mode, progress=progress, max_batches=max_batches, allow_empty=group is not None)
+    if group is not None:
+        distributed.sync_estimator(est, group)
     return est.result()
 
 
@@ -912,8 +1006,14 @@ def run_pass(
     progress: bool = True,
     max_batches: int | None = None,
     start: int = 0,
+    on_batch: Callable[[Estimator], None] | None = None,
+    allow_empty: bool = False,
 ) -> Estimator:
-    """Feed ``data`` (skipping the first ``start`` batches) into ``est``; restores the model's mode."""
+    """Feed ``data`` (skipping the first ``start`` batches) into ``est``; restores the model's mode.
+
+    ``on_batch(est)`` runs after each batch (checkpointing); ``allow_empty`` lets a rank
+    with no data of its own take part in a distributed pass.
+    """
     if isinstance(data, (Tensor, Mapping)):
         raise TypeError("data must be an iterable of batches (e.g. a DataLoader or a list of tensors), not one batch")
     if est.frozen:
@@ -935,10 +1035,15 @@ def run_pass(
             if max_batches is not None and i >= max_batches:
                 break
             est.update(batch)
+            if on_batch is not None:
+                on_batch(est)
     finally:
         for m, t in was_training.items():
             m.training = t
-    if est.batches == 0:
+        from .distributed import reshard
+
+        reshard(model)  # FSDP2 keeps the root unsharded after a forward without backward
+    if est.batches == 0 and not allow_empty:
         raise ImportanceError("data yielded no batches; importance needs at least one")
     if math.isnan(float(est.samples)):
         raise ImportanceError("internal error: sample count is NaN")

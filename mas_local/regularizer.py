@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import distributed, ops
 from .importance import DEFAULT_CHUNK_BYTES, Estimator, resolve_mode, run_pass
 
 ACCUMULATE = ("sum", "ema")
 _STATE_VERSION = 1
+OMEGA_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class MAS:
@@ -26,6 +28,13 @@ class MAS:
 
     Parameters with ``requires_grad=False`` when MAS is created are not
     regularised; their names are in :attr:`skipped`. Tied parameters appear once.
+
+    Scale (see ``docs/distributed.md``): under ``torch.distributed`` the importance
+    pass is data parallel (``sync``/``process_group``, as :func:`compute_importance`);
+    a DDP wrapper is looked through and parameters keep the inner module's names;
+    FSDP2 parameters get Ω and θ* sharded like themselves. ``omega_dtype``
+    (float32 or bfloat16) is the storage dtype of the accumulated Ω; estimation
+    always accumulates in float32. θ* keeps each parameter's dtype.
     """
 
     def __init__(
@@ -41,6 +50,9 @@ class MAS:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         progress: bool = True,
+        omega_dtype: torch.dtype = torch.float32,
+        sync: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -50,6 +62,11 @@ class MAS:
             raise ValueError(f"unknown accumulate {accumulate!r}; expected one of {ACCUMULATE}")
         if not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        if omega_dtype not in OMEGA_DTYPES:
+            raise ValueError(f"omega_dtype must be torch.float32 or torch.bfloat16, got {omega_dtype!r}")
+        distributed.resolve_group(sync, process_group)  # validates sync
+        self.omega_dtype = omega_dtype
+        self.sync, self.process_group = sync, process_group
         self.model = model
         self.lam = float(lam)
         self.mode, self.estimator = resolve_mode(mode, estimator)
@@ -61,7 +78,8 @@ class MAS:
         self.progress = progress
         self.params: dict[str, nn.Parameter] = {}
         self.skipped: list[str] = []
-        for name, p in model.named_parameters():
+        distributed.reshard(distributed.unwrap(model))  # FSDP2: collect the sharded parameters
+        for name, p in distributed.unwrap(model).named_parameters():
             if p.requires_grad:
                 self.params[name] = p
             else:
@@ -73,18 +91,73 @@ class MAS:
     # ---------------------------------------------------------------- consolidation
     def estimator_for_pass(self) -> Estimator:
         """A fresh :class:`~mas_local.importance.Estimator` configured like this MAS."""
-        return Estimator(self.model, self.mode, self.estimator, self.output_fn, self.backend, self.chunk_bytes)
+        group = distributed.resolve_group(self.sync, self.process_group)
+        model = distributed.unwrap(self.model)
+        return distributed.make_estimator(
+            model, self.mode, self.estimator, self.output_fn, self.backend, self.chunk_bytes, group
+        )
 
     def consolidate(
-        self, data: Iterable[Any], *, eval_mode: bool = True, max_batches: int | None = None
+        self,
+        data: Iterable[Any],
+        *,
+        eval_mode: bool = True,
+        max_batches: int | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
     ) -> dict[str, Tensor]:
         """Estimate this task's Ω on ``data``, accumulate it, snapshot θ*; returns the task's Ω.
 
-        Nothing changes if estimation fails.
+        Nothing changes if estimation fails. Under ``torch.distributed`` each rank
+        passes its own share of ``data`` and the statistics are all-reduced.
+
+        Resumable passes: with ``checkpoint_path`` the partial statistics are saved
+        atomically every ``checkpoint_every`` batches (one file per rank when synced);
+        if a valid checkpoint exists when the pass starts, its batches are skipped
+        (``data`` must yield the same batches in the same order) and the pass resumes.
+        The checkpoint is removed once Ω is committed.
         """
+        group = distributed.resolve_group(self.sync, self.process_group)
         est = self.estimator_for_pass()
-        run_pass(est, data, eval_mode=eval_mode, progress=self.progress, max_batches=max_batches)
-        return self.commit(est.result())
+        path, start, on_batch = None, 0, None
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        if checkpoint_path is not None:
+            path = distributed.rank_path(checkpoint_path, group)
+            if os.path.exists(path):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                task = state.get("mas_task") if isinstance(state, dict) else None
+                if task != self.num_tasks:
+                    raise ValueError(
+                        f"checkpoint {path!r} belongs to task {task!r}, this MAS is consolidating task "
+                        f"{self.num_tasks}; remove it to start over"
+                    )
+                est.load_state_dict(state)
+                start = est.batches
+            if checkpoint_every is not None:
+
+                def on_batch(e):
+                    if e.batches % checkpoint_every == 0:
+                        distributed.save_atomic({**e.state_dict(), "mas_task": self.num_tasks}, path)
+
+        elif checkpoint_every is not None:
+            raise ValueError("checkpoint_every needs checkpoint_path")
+        run_pass(
+            est,
+            data,
+            eval_mode=eval_mode,
+            progress=self.progress,
+            max_batches=max_batches,
+            start=start,
+            on_batch=on_batch,
+            allow_empty=group is not None,
+        )
+        if group is not None:
+            distributed.sync_estimator(est, group)
+        omega = self.commit(est.result())
+        if path is not None and os.path.exists(path):
+            os.remove(path)
+        return omega
 
     def commit(self, task_omega: dict[str, Tensor]) -> dict[str, Tensor]:
         """Accumulate an already estimated task Ω (e.g. merged across processes) and snapshot θ*."""
@@ -100,12 +173,15 @@ class MAS:
         new = {}
         for name, p in self.params.items():
             omega = task_omega[name].detach().to(device=p.device, dtype=torch.float32)
+            if not distributed.is_dtensor(omega):
+                omega = distributed.shard_like(omega, p)  # FSDP2: keep this rank's shard only
             if self.num_tasks == 0 or name not in self.importance:
                 new[name] = omega.clone()
             elif self.accumulate == "sum":
-                new[name] = self.importance[name] + omega
+                new[name] = self.importance[name].float() + omega
             else:
-                new[name] = self.alpha * self.importance[name] + (1.0 - self.alpha) * omega
+                new[name] = self.alpha * self.importance[name].float() + (1.0 - self.alpha) * omega
+            new[name] = new[name].to(self.omega_dtype)
         self.importance = new
         self.anchors = {name: p.detach().clone() for name, p in self.params.items()}
         self.num_tasks += 1
@@ -119,6 +195,8 @@ class MAS:
 
     def penalty(self) -> Tensor:
         """``λ Σ Ω (θ − θ*)²`` as a differentiable scalar (0 before the first consolidation)."""
+        if any(distributed.is_dtensor(p) for p in self.params.values()):
+            return distributed.sharded_penalty(self)
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         total = torch.zeros((), device=device, dtype=torch.float32)
         for _, p, anchor, omega in self._terms():
@@ -138,6 +216,8 @@ class MAS:
         for _, p, _, _ in terms:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        if any(distributed.is_dtensor(p) for _, p, _, _ in terms):
+            return distributed.sharded_add_penalty_grad_(self, terms)
         with torch.no_grad():
             return ops.penalty_grad_(
                 [p.grad for _, p, _, _ in terms],
@@ -188,15 +268,35 @@ class MAS:
                             f"MAS state does not match this model: {what}[{name!r}] has shape {shape}, "
                             f"the parameter has {tuple(p.shape)}"
                         )
-                    if not torch.isfinite(t.float()).all():
+                    if not torch.isfinite(distributed.local(t).float()).all():
                         raise ValueError(f"MAS state has NaN/Inf values in {what}[{name!r}]")
         mode, estimator = resolve_mode(state.get("mode", self.mode), state.get("estimator", self.estimator))
         self.importance = {
-            k: importance[k].detach().to(self.params[k].device, torch.float32).clone() for k in importance
+            k: _like(importance[k].detach().to(self.params[k].device, self.omega_dtype), self.params[k])
+            for k in importance
         }
-        self.anchors = {k: anchors[k].detach().to(self.params[k].device, self.params[k].dtype).clone() for k in anchors}
+        self.anchors = {
+            k: _like(anchors[k].detach().to(self.params[k].device, self.params[k].dtype), self.params[k])
+            for k in anchors
+        }
         self.mode, self.estimator = mode, estimator
         self.accumulate = state.get("accumulate", self.accumulate)
         self.alpha = float(state.get("alpha", self.alpha))
         self.lam = float(state.get("lam", self.lam))
         self.num_tasks = num_tasks
+
+    # ---------------------------------------------------------------- memory
+    def memory_report(self) -> distributed.MemoryReport:
+        """Bytes MAS adds on this rank: Ω, θ* and the transient estimation buffers, per parameter and device.
+
+        A dict (``params``, ``devices``, ``total``, ``bytes_per_param``, ``omega_dtype``) whose
+        ``str()`` is a table; see :func:`mas_local.distributed.memory_report`.
+        """
+        return distributed.memory_report(self)
+
+
+def _like(t: Tensor, p: Tensor) -> Tensor:
+    """A loaded tensor laid out like its parameter (a copy; a DTensor shard for FSDP2 parameters)."""
+    if distributed.is_dtensor(p) and not distributed.is_dtensor(t):
+        return distributed.shard_like(t, p).clone()
+    return t.clone()
