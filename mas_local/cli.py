@@ -54,7 +54,7 @@ def _positive_int(name: str, minimum: int = 1):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compare import BENCHMARKS, DEFAULT_LAM_GRID, METHODS, MODELS
+    from .compare import BENCHMARKS, DEFAULT_LAM_GRID, HIDDEN, METHODS, MODELS
 
     parser = argparse.ArgumentParser(prog="mas-local", description="mas-local: Memory Aware Synapses for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -70,14 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of tasks in the sequence (>= 2; at most 5 for --benchmark split)")
     c.add_argument("--epochs", type=_positive_int("--epochs"), default=5, help="training epochs per task")
     c.add_argument("--model", choices=MODELS, default="mlp",
-                   help="mlp: 64-128-128-head; cnn: two 3x3 convs on the 8x8 image, a 128 linear layer and the head")
+                   help=f"mlp: 64-{HIDDEN}-{HIDDEN}-head; cnn: two 3x3 convs on the 8x8 image, a {HIDDEN}-unit linear "
+                        "layer and the head")
     c.add_argument("--benchmark", choices=BENCHMARKS, default="permuted",
                    help="permuted: fixed pixel permutation per task, shared 10-way head; split: digit pairs "
                         "(0/1, 2/3, ...) with one head per task; rotated: rotations evenly spaced in [0, 90] degrees")
-    c.add_argument("--lam-grid", type=_float_list, default=DEFAULT_LAM_GRID, metavar="L1,L2,...",
+    lam_default = ",".join(f"{v:g}" for v in DEFAULT_LAM_GRID)
+    c.add_argument("--lam-grid", type=_float_list, default=lam_default, metavar="L1,L2,...",
                    help="candidate penalty strengths λ (comma-separated, >= 0); each MAS method picks one per task "
                         "on the validation split of the tasks seen so far")
-    c.add_argument("--methods", type=_csv("method"), default=list(METHODS), metavar="M1,M2,...",
+    c.add_argument("--methods", type=_csv("method"), default=",".join(METHODS), metavar="M1,M2,...",
                    help=f"methods to run (comma-separated) from: {', '.join(METHODS)}")
     c.add_argument("--out", default="runs/compare", help="output folder for results.json and the PNG plots")
     c.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")

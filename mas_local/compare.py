@@ -16,8 +16,8 @@ Benchmarks (task sequences built from those splits)
                   [0°, 90°] (bilinear, zero fill); one shared 10-way head.
 
 Models
-    ``mlp``  64 → 128 → 128 → head, ReLU (default).
-    ``cnn``  conv 1→16 3×3 → conv 16→32 3×3 stride 2 → linear 512 → 128 → head, ReLU.
+    ``mlp``  64 → 256 → 256 → head, ReLU (default; the width is ``HIDDEN``).
+    ``cnn``  conv 1→16 3×3 → conv 16→32 3×3 stride 2 → linear 512 → 256 → head, ReLU.
     The multi-head output of ``split`` is one :class:`MultiHead` module whose forward
     returns only the active task's two logits while importance is estimated, so the
     importance (global or local) of a head row comes from its own task only.
