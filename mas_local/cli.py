@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -133,6 +134,13 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as exc:
         sub.error(f"cannot create the --out folder {cfg.out!r}: {exc}")
+    needed = ["sklearn"] + (["matplotlib"] if cfg.plots else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        sub.error(
+            f"the comparison needs {' and '.join(missing)}: pip install 'mas-local[compare]' "
+            "(scikit-learn, matplotlib)" + (" or pass --no-plots" if missing == ["matplotlib"] else "")
+        )
     t0 = time.perf_counter()
     try:
         results = run(cfg)
