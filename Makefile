@@ -16,7 +16,7 @@ build: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: build
-	$(PY) examples/two_tasks.py
+	$(VENV)/bin/mas-local compare
 
 test: build
 	$(PY) -m ruff check .
