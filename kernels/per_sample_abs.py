@@ -39,7 +39,7 @@ import triton.language as tl
 
 from mas_local import reference
 
-from .abs_gemm import INTERPRET, KERNEL_DTYPES, _notice_reference, _prune
+from .abs_gemm import INTERPRET, KERNEL_DTYPES, _notice_reference, _prune, grouped_tile
 
 #: Upper bound of the partial buffer of a split batch (bytes).
 PARTIAL_BYTES = 64 << 20
@@ -80,16 +80,8 @@ def _per_sample_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
