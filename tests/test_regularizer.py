@@ -190,3 +190,21 @@ def test_tied_parameter_counted_once_in_penalty():
     value = mas.penalty()
     want = sum((mas.importance[n] * (p - mas.anchors[n]) ** 2).sum() for n, p in model.named_parameters())
     torch.testing.assert_close(value, want)
+
+
+def test_penalty_and_fused_grad_compile_fullgraph():
+    """torch.compile traces MAS.penalty and the fused op (its fake kernel) without graph breaks."""
+    model, tasks = _model_and_tasks()
+    mas = ml.MAS(model, lam=0.9, progress=False)
+    mas.consolidate(tasks[0])
+    _perturb(model)
+    eager = mas.penalty()
+    compiled = torch.compile(mas.penalty, fullgraph=True)()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-8)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    value = torch.compile(mas.add_penalty_grad_, fullgraph=True)()
+    torch.testing.assert_close(value, eager.detach(), rtol=1e-5, atol=1e-8)
+    want = torch.autograd.grad(eager, list(model.parameters()))
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
