@@ -620,9 +620,12 @@ def _environment(cfg: Config) -> dict:
         env["gpu"] = torch.cuda.get_device_name(torch.device(cfg.device))
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
+        env["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         env["git_commit"] = None
     return env
@@ -662,7 +665,9 @@ def _run(cfg: Config) -> dict:
     device = torch.device(cfg.device)
     start = time.perf_counter()
     per_units = sum(len(cfg.lam_grid) if m in MAS_METHODS else 1 for m in cfg.methods) * (cfg.tasks - 1) + 1
-    progress = tqdm(total=cfg.seeds * per_units, desc="compare", unit="task", disable=cfg.quiet, leave=False)
+    progress = tqdm(
+        total=cfg.seeds * per_units, desc="compare", unit="task", disable=True if cfg.quiet else None, leave=False
+    )
     records: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     importance: list[dict] = []
     task_names: list[str] = []
@@ -794,7 +799,13 @@ def _fmt_overhead(s: dict) -> str:
 def table(results: dict) -> str:
     """The terminal table: one line per method."""
     head = [
-        "method", "avg acc %", "BWT %", "forgetting %", "Ω time s", "penalty +% (autograd/fused)", "chosen λ (×count)"
+        "method",
+        "avg acc %",
+        "BWT %",
+        "forgetting %",
+        "Ω time s",
+        "penalty +% (autograd/fused)",
+        "chosen λ (×count)",
     ]
     rows = []
     for m, r in results["methods"].items():
