@@ -115,14 +115,21 @@ def test_unknown_names():
 
 
 def test_forced_missing_backend_raises_clearly(monkeypatch):
-    missing = [b for b in ("triton", "ext") if bk.unavailable_reason(b, "cpu") is not None]
-    if not missing:
-        pytest.skip("every backend is present on CPU in this environment")
-    with pytest.raises(ml.BackendUnavailableError, match=missing[0]):
-        ml.compute_importance(MLP(), [torch.randn(2, 13)], backend=missing[0], progress=False)
-    monkeypatch.setenv("MAS_LOCAL_BACKEND", missing[0])
+    # Simulate an extension that is not built, whatever this environment has.
+    monkeypatch.setitem(bk._SITES, "ext", "mas_local._not_built_for_this_test")
+    monkeypatch.setattr(bk, "_modules", {})
+    monkeypatch.setattr(bk, "_load_errors", {})
+    monkeypatch.delenv("MAS_LOCAL_BACKEND", raising=False)
+    model = MLP()
+    with pytest.raises(ml.BackendUnavailableError, match="'ext' was requested .* not available"):
+        ml.compute_importance(model, [torch.randn(2, 13)], backend="ext", progress=False)
+    with pytest.raises(ml.BackendUnavailableError, match="not available"):
+        ml.MAS(model, backend="ext", progress=False).consolidate([torch.randn(2, 13)])
+    monkeypatch.setenv("MAS_LOCAL_BACKEND", "ext")
     with pytest.raises(ml.BackendUnavailableError, match="not available"):
         ml.ops.abs_gemm_acc_(torch.zeros(2, 3), torch.randn(4, 2), torch.randn(4, 3))
+    monkeypatch.delenv("MAS_LOCAL_BACKEND")
+    assert bk.resolve("penalty_grad", "cpu")[0] == "torch"  # auto falls back
 
 
 def test_env_var_selects_backend(monkeypatch):
