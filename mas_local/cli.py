@@ -65,29 +65,59 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    c.add_argument("--seeds", type=_positive_int("--seeds"), default=3,
-                   help="number of seeds (0..N-1); each seed has its own data split, permutations and initial weights")
-    c.add_argument("--tasks", type=_positive_int("--tasks", 2), default=5,
-                   help="number of tasks in the sequence (>= 2; at most 5 for --benchmark split)")
+    c.add_argument(
+        "--seeds",
+        type=_positive_int("--seeds"),
+        default=3,
+        help="number of seeds (0..N-1); each seed has its own data split, permutations and initial weights",
+    )
+    c.add_argument(
+        "--tasks",
+        type=_positive_int("--tasks", 2),
+        default=5,
+        help="number of tasks in the sequence (>= 2; at most 5 for --benchmark split)",
+    )
     c.add_argument("--epochs", type=_positive_int("--epochs"), default=5, help="training epochs per task")
-    c.add_argument("--model", choices=MODELS, default="mlp",
-                   help=f"mlp: 64-{HIDDEN}-{HIDDEN}-head; cnn: two 3x3 convs on the 8x8 image, a {HIDDEN}-unit linear "
-                        "layer and the head")
-    c.add_argument("--benchmark", choices=BENCHMARKS, default="permuted",
-                   help="permuted: fixed pixel permutation per task, shared 10-way head; split: digit pairs "
-                        "(0/1, 2/3, ...) with one head per task; rotated: rotations evenly spaced in [0, 90] degrees")
+    c.add_argument(
+        "--model",
+        choices=MODELS,
+        default="mlp",
+        help=f"mlp: 64-{HIDDEN}-{HIDDEN}-head; cnn: two 3x3 convs on the 8x8 image, a {HIDDEN}-unit linear "
+        "layer and the head",
+    )
+    c.add_argument(
+        "--benchmark",
+        choices=BENCHMARKS,
+        default="permuted",
+        help="permuted: fixed pixel permutation per task, shared 10-way head; split: digit pairs "
+        "(0/1, 2/3, ...) with one head per task; rotated: rotations evenly spaced in [0, 90] degrees",
+    )
     lam_default = ",".join(f"{v:g}" for v in DEFAULT_LAM_GRID)
-    c.add_argument("--lam-grid", type=_float_list, default=lam_default, metavar="L1,L2,...",
-                   help="candidate penalty strengths λ (comma-separated, >= 0); each MAS method picks one per task "
-                        "on the validation split of the tasks seen so far")
-    c.add_argument("--methods", type=_csv("method"), default=",".join(METHODS), metavar="M1,M2,...",
-                   help=f"methods to run (comma-separated) from: {', '.join(METHODS)}")
+    c.add_argument(
+        "--lam-grid",
+        type=_float_list,
+        default=lam_default,
+        metavar="L1,L2,...",
+        help="candidate penalty strengths λ (comma-separated, >= 0); each MAS method picks one per task "
+        "on the validation split of the tasks seen so far",
+    )
+    c.add_argument(
+        "--methods",
+        type=_csv("method"),
+        default=",".join(METHODS),
+        metavar="M1,M2,...",
+        help=f"methods to run (comma-separated) from: {', '.join(METHODS)}",
+    )
     c.add_argument("--out", default="runs/compare", help="output folder for results.json and the PNG plots")
     c.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     c.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32, help="training batch size")
     c.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    c.add_argument("--threads", type=_positive_int("--threads"), default=1,
-                   help="torch CPU threads while it runs (one is the fastest for these small models)")
+    c.add_argument(
+        "--threads",
+        type=_positive_int("--threads"),
+        default=1,
+        help="torch CPU threads while it runs (one is the fastest for these small models)",
+    )
     c.add_argument("--no-plots", action="store_true", help="skip the PNG plots (results.json and the table only)")
     c.add_argument("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
     parser.compare_parser = c  # its error() prints the compare usage

@@ -287,11 +287,13 @@ def sharded_add_penalty_grad_(mas, terms) -> Tensor:
         return sum_over_shards(parts)
 
 
-def make_estimator(model, mode, estimator, output_fn, backend, chunk_bytes, group=None):
+def make_estimator(model, mode, estimator, output_fn, backend, chunk_bytes, group=None, activation=None):
     """An :class:`~mas_local.importance.Estimator`, or a :class:`ShardedEstimator` for FSDP2 models."""
     if any(is_dtensor(p) for p in model.parameters()):
-        return ShardedEstimator(model, mode, estimator, output_fn, backend, chunk_bytes, group=group)
-    return Estimator(model, mode, estimator, output_fn, backend, chunk_bytes)
+        return ShardedEstimator(
+            model, mode, estimator, output_fn, backend, chunk_bytes, activation=activation, group=group
+        )
+    return Estimator(model, mode, estimator, output_fn, backend, chunk_bytes, activation=activation)
 
 
 class ShardedEstimator(Estimator):

@@ -31,6 +31,7 @@ statistics), so passes can be merged across processes or resumed.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -155,6 +156,12 @@ class Site:
     versions: list[int] = field(default_factory=list)
     deltas: list[Tensor | None] = field(default_factory=list)
     live: dict[str, Tensor] | None = None  # the tensors the module used, when not its registered params (FSDP2)
+    activated: Tensor | None = None  # local mode with a user activation: act(y), the layer's judged output
+
+    @property
+    def judged_output(self) -> Tensor:
+        """The output local hebbian pairs with the input: act(y) if an activation was given, else y."""
+        return self.outputs[0] if self.activated is None else self.activated
 
     @property
     def x(self) -> Tensor:
@@ -231,7 +238,7 @@ class LinearRule(Rule):
         return out
 
     def hebbian(self, est, site):
-        y = site.outputs[0]
+        y = site.judged_output
         x2 = site.x.reshape(-1, site.x.shape[-1])
         y2 = y.reshape(-1, y.shape[-1])
         rows = x2.shape[0]
@@ -338,7 +345,7 @@ class ConvRule(Rule):
         m = site.module
         two_d, k, stride, dilation = self._geometry(m)
         xp = self._padded(site)
-        y = self._as4d(site.outputs[0], two_d)
+        y = self._as4d(site.judged_output, two_d)
         events = y.shape[0] * y.shape[2] * y.shape[3]
         if "weight" in site.params:
             w = site.params["weight"]
@@ -518,6 +525,38 @@ _LINEAR, _CONV, _EMBEDDING, _GENERIC = LinearRule(), ConvRule(), EmbeddingRule()
 
 # ----------------------------------------------------------------------------- the estimator
 
+Activation = Callable[[Tensor], Tensor] | Mapping[str, Callable[[Tensor], Tensor]] | None
+
+
+def resolve_activations(model: nn.Module, mode: str, activation: Activation) -> dict[int, Callable[[Tensor], Tensor]]:
+    """Which Linear/Conv layers local MAS judges through an activation: ``{id(module): act}``.
+
+    ``activation`` is one callable for every Linear/Conv layer, or a mapping from
+    qualified module names or glob patterns to callables (layers not matched keep
+    their pre-activation output).
+    """
+    if activation is None:
+        return {}
+    if mode != "local":
+        raise ValueError("activation= applies to local MAS only (global MAS measures the model output)")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
+    if callable(activation):
+        return {id(m): activation for m in layers.values()}
+    if not isinstance(activation, Mapping):
+        raise TypeError(f"activation must be a callable or a mapping of module names to callables, got {activation!r}")
+    chosen: dict[int, Callable[[Tensor], Tensor]] = {}
+    for pattern, act in activation.items():
+        if not callable(act):
+            raise TypeError(f"activation[{pattern!r}] is not callable")
+        hits = [m for name, m in layers.items() if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            raise ValueError(
+                f"activation key {pattern!r} matches no Linear/Conv layer; layers are e.g. {list(layers)[:5]}"
+            )
+        for m in hits:
+            chosen[id(m)] = act
+    return chosen
+
 
 class Estimator:
     """Accumulates the sufficient statistics of one importance pass.
@@ -537,11 +576,13 @@ class Estimator:
         output_fn: Callable[[Any], Tensor] | None = None,
         backend: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        activation: Activation = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.mode, self.estimator = resolve_mode(mode, estimator)
+        self._activation_of = resolve_activations(model, self.mode, activation)
         from .distributed import check_sharded
 
         check_sharded(model, self.mode)
@@ -721,6 +762,9 @@ class Estimator:
                     else:
                         for s in sites:
                             s.deltas = list(s.outputs)
+                            act = self._activation_of.get(id(s.module))
+                            if act is not None:
+                                self._apply_activation(s, act)
                 if self._versions_changed(sites):
                     if attempt == 0:
                         self.notice_once(
@@ -736,6 +780,22 @@ class Estimator:
                 return
             finally:
                 self._clone = False
+
+    @staticmethod
+    def _apply_activation(site: Site, act: Callable[[Tensor], Tensor]) -> None:
+        """Judge the layer by a = act(y): hebbian pairs |a| with |x|; sample/batch use Δ = ∂(½‖a‖²)/∂y."""
+        y = site.outputs[0]
+        with torch.enable_grad():
+            leaf = y.detach().requires_grad_(True)
+            a = act(leaf)
+            if not isinstance(a, Tensor) or a.shape != y.shape:
+                raise ImportanceError(
+                    f"the activation for {type(site.module).__name__} must return a tensor of the layer's output "
+                    f"shape {tuple(y.shape)}, got {tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}"
+                )
+            (delta,) = torch.autograd.grad(0.5 * a.float().pow(2).sum(), leaf, allow_unused=True)
+        site.activated = a.detach()
+        site.deltas[0] = torch.zeros_like(y) if delta is None else delta
 
     def _global_deltas(self, out: Tensor, sites: list[Site]) -> None:
         loss = out.float().pow(2).sum()
@@ -959,6 +1019,7 @@ def compute_importance(
     max_batches: int | None = None,
     sync: bool | None = None,
     process_group: Any = None,
+    activation: Activation = None,
 ) -> dict[str, Tensor]:
     """Estimate MAS importance Ω for every trainable parameter of ``model``.
 
@@ -983,6 +1044,9 @@ def compute_importance(
             ``None`` (default): sync when a process group with more than one rank is
             initialised; ``False``: this rank's data only; ``True``: require a group.
         process_group: the group to sync over (default: the world).
+        activation: local mode only: judge Linear/Conv layers by ``act(y)`` instead of
+            their pre-activation output ``y`` (one callable for all such layers, or a
+            mapping from module names/glob patterns to callables).
 
     Returns:
         ``{parameter name: Ω}``, float32, on each parameter's device. Parameters with
@@ -991,7 +1055,9 @@ def compute_importance(
     from . import distributed
 
     group = distributed.resolve_group(sync, process_group)
-    est = distributed.make_estimator(distributed.unwrap(model), mode, estimator, output_fn, backend, chunk_bytes, group)
+    est = distributed.make_estimator(
+        distributed.unwrap(model), mode, estimator, output_fn, backend, chunk_bytes, group, activation=activation
+    )
     run_pass(est, data, eval_mode=eval_mode, progress=progress, max_batches=max_batches, allow_empty=group is not None)
     if group is not None:
         distributed.sync_estimator(est, group)

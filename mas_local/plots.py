@@ -104,8 +104,9 @@ def importance_comparison(results: dict, importance: list[dict], path: str) -> s
     lows = [v for v in lows if not np.isnan(v)]
     ax.set_ylim(min([0.0, *lows]) - 0.05, 1.35)  # head room for the legend
     ax.set_ylabel("Spearman ρ of Ω")
-    ax.set_title("Rank agreement of the estimators per parameter tensor (model after task 1, mean ± std over seeds)",
-                 fontsize=9)
+    ax.set_title(
+        "Rank agreement of the estimators per parameter tensor (model after task 1, mean ± std over seeds)", fontsize=9
+    )
     ax.legend(fontsize=7, ncol=len(pairs), loc="upper center")
     for c, p in enumerate(weights[:ncol]):
         hx = fig.add_subplot(gs[1, c])
@@ -118,8 +119,9 @@ def importance_comparison(results: dict, importance: list[dict], path: str) -> s
                 continue
             zeros = 1.0 - pos.size / max(1, om.size)
             label = est + (f" ({zeros:.0%} zero)" if zeros > 0.005 else "")
-            hx.hist(np.log10(pos), bins=40, histtype="step", label=label, density=True,
-                    ls=["-", "-", "-", "--"][k], lw=1.2)
+            hx.hist(
+                np.log10(pos), bins=40, histtype="step", label=label, density=True, ls=["-", "-", "-", "--"][k], lw=1.2
+            )
         hx.set_title(p, fontsize=8)
         hx.set_xlabel("log10 Ω", fontsize=8)
         hx.tick_params(labelsize=7)

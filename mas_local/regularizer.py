@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, ops
-from .importance import DEFAULT_CHUNK_BYTES, Estimator, resolve_mode, run_pass
+from .importance import DEFAULT_CHUNK_BYTES, Activation, Estimator, resolve_activations, resolve_mode, run_pass
 
 ACCUMULATE = ("sum", "ema")
 _STATE_VERSION = 1
@@ -35,6 +35,9 @@ class MAS:
     FSDP2 parameters get Ω and θ* sharded like themselves. ``omega_dtype``
     (float32 or bfloat16) is the storage dtype of the accumulated Ω; estimation
     always accumulates in float32. θ* keeps each parameter's dtype.
+
+    ``activation`` (local mode): judge Linear/Conv layers by ``act(y)`` rather than
+    their pre-activation ``y``; one callable, or ``{module name or glob: callable}``.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class MAS:
         omega_dtype: torch.dtype = torch.float32,
         sync: bool | None = None,
         process_group: Any = None,
+        activation: Activation = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -70,6 +74,8 @@ class MAS:
         self.model = model
         self.lam = float(lam)
         self.mode, self.estimator = resolve_mode(mode, estimator)
+        resolve_activations(model, self.mode, activation)  # fail now on a bad activation, not after a task
+        self.activation = activation
         self.accumulate = accumulate
         self.alpha = float(alpha)
         self.output_fn = output_fn
@@ -94,7 +100,14 @@ class MAS:
         group = distributed.resolve_group(self.sync, self.process_group)
         model = distributed.unwrap(self.model)
         return distributed.make_estimator(
-            model, self.mode, self.estimator, self.output_fn, self.backend, self.chunk_bytes, group
+            model,
+            self.mode,
+            self.estimator,
+            self.output_fn,
+            self.backend,
+            self.chunk_bytes,
+            group,
+            activation=self.activation,
         )
 
     def consolidate(

@@ -125,6 +125,7 @@ def local(model: nn.Module, batches, estimator: str) -> dict[str, torch.Tensor]:
             for mod, args, kwargs in calls:
                 own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
                 sl = slice(rows.start, rows.stop)
+
                 def cut(t, sl=sl, b=b):
                     return t[sl] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == b else t
 

@@ -167,8 +167,17 @@ def test_command_end_to_end_all_methods(tmp_path, capsys):
 
 @needs_core
 def test_command_split_cnn_multi_head(tmp_path):
-    res, out = _run(tmp_path, "--benchmark", "split", "--model", "cnn", "--lam-grid", "1",
-                    "--methods", "joint,global-sample,local-hebbian")
+    res, out = _run(
+        tmp_path,
+        "--benchmark",
+        "split",
+        "--model",
+        "cnn",
+        "--lam-grid",
+        "1",
+        "--methods",
+        "joint,global-sample,local-hebbian",
+    )
     assert res["tasks"] == ["digits 0/1", "digits 2/3"]
     for m in res["methods"].values():
         acc = np.array(m["acc_matrix_mean"])
@@ -178,12 +187,25 @@ def test_command_split_cnn_multi_head(tmp_path):
 
 def test_python_dash_m_help():
     proc = subprocess.run(
-        [sys.executable, "-m", "mas_local", "compare", "--help"], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "mas_local", "compare", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "COLUMNS": "100"},
     )
     assert proc.returncode == 0
-    for opt in ("--seeds", "--tasks", "--epochs", "--model", "--benchmark", "--lam-grid", "--methods", "--out",
-                "--device", "--quiet"):
+    for opt in (
+        "--seeds",
+        "--tasks",
+        "--epochs",
+        "--model",
+        "--benchmark",
+        "--lam-grid",
+        "--methods",
+        "--out",
+        "--device",
+        "--quiet",
+    ):
         assert opt in proc.stdout
 
 

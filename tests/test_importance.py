@@ -38,8 +38,10 @@ def token_data(seed=2):
 
 def conv_data(seed=3, shape=(9, 7)):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(4, 3, *shape, generator=g, dtype=torch.float64), torch.randn(3, 3, *shape, generator=g,
-                                                                                       dtype=torch.float64)]
+    return [
+        torch.randn(4, 3, *shape, generator=g, dtype=torch.float64),
+        torch.randn(3, 3, *shape, generator=g, dtype=torch.float64),
+    ]
 
 
 def build(kind, converted):
@@ -115,8 +117,10 @@ def test_hebbian_linear_on_tokens_matches_formula(converted):
     if converted:
         ml.convert(model)
     g = torch.Generator().manual_seed(9)
-    data = [torch.randn(7, 3, 13, generator=g, dtype=torch.float64), torch.randn(2, 3, 13, generator=g,
-                                                                                   dtype=torch.float64)]
+    data = [
+        torch.randn(7, 3, 13, generator=g, dtype=torch.float64),
+        torch.randn(2, 3, 13, generator=g, dtype=torch.float64),
+    ]
     got = ml.compute_importance(model, data, mode="local", progress=False)
     x = torch.cat([d.reshape(-1, 13) for d in data])
     with torch.no_grad():
@@ -215,3 +219,53 @@ def test_chunking_gives_the_same_result():
     b = ml.compute_importance(model, data, progress=False, chunk_bytes=1)  # one sample per chunk
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-9)
+
+
+def test_local_activation_hebbian_matches_formula():
+    """hebbian with a user activation pairs |act(y)| with |x| (layers not named keep y)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    x = torch.randn(7, 3, 13, dtype=torch.float64)
+    got = ml.compute_importance(model, [x], mode="local", activation={"0": torch.relu}, progress=False)
+    with torch.no_grad():
+        y0 = model[0](x)
+        y2 = model[2](torch.relu(y0))
+    w0, b0 = oracles.hebbian_linear(x, torch.relu(y0))
+    w2, _ = oracles.hebbian_linear(torch.relu(y0), y2)
+    torch.testing.assert_close(got["0.weight"].double(), w0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["0.bias"].double(), b0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["2.weight"].double(), w2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("estimator", ["sample", "batch"])
+def test_local_activation_sample_matches_loop(estimator):
+    """sample/batch with an activation: |∂(½‖act(y)‖²)/∂θ| per sample (batch), by brute force."""
+    torch.manual_seed(0)
+    model, data = build("conv", converted=True)
+    got = ml.compute_importance(model, data, mode="local", estimator=estimator, activation=torch.tanh, progress=False)
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d)
+    want = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    total = 0
+    for x in data:
+        calls = oracles._record_calls(model, x)
+        groups = [slice(k, k + 1) for k in range(x.shape[0])] if estimator == "sample" else [slice(0, x.shape[0])]
+        for sl in groups:
+            for mod, args, _ in calls:
+                y = mod(args[0][sl])
+                a = torch.tanh(y) if isinstance(mod, layers) else y
+                names = [n for n, p in model.named_parameters() if any(p is q for q in mod.parameters(False))]
+                grads = torch.autograd.grad(0.5 * a.pow(2).sum(), list(mod.parameters(False)))
+                for n, g in zip(names, grads):
+                    want[n] += g.abs()
+        total += x.shape[0]
+    assert_close(got, {n: v / total for n, v in want.items()})
+
+
+def test_activation_errors():
+    model = MLP()
+    with pytest.raises(ValueError, match="local MAS only"):
+        ml.compute_importance(model, [torch.randn(2, 13)], activation=torch.relu, progress=False)
+    with pytest.raises(ValueError, match="matches no Linear/Conv layer"):
+        ml.MAS(model, mode="local", activation={"nope*": torch.relu})
+    with pytest.raises(ml.ImportanceError, match="output shape"):
+        ml.compute_importance(model, [torch.randn(2, 13)], mode="local", activation=lambda y: y.sum(-1), progress=False)

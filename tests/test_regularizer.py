@@ -112,7 +112,13 @@ def test_state_dict_round_trip_weights_only():
     other = ml.MAS(model, progress=False)
     other.load_state_dict(state)
     assert (other.mode, other.estimator, other.accumulate, other.alpha, other.lam, other.num_tasks) == (
-        "local", "hebbian", "ema", 0.25, 3.0, 2)
+        "local",
+        "hebbian",
+        "ema",
+        0.25,
+        3.0,
+        2,
+    )
     for n in mas.importance:
         assert torch.equal(other.importance[n], mas.importance[n])
         assert torch.equal(other.anchors[n], mas.anchors[n])

@@ -323,8 +323,9 @@ def test_penalty_mixed_groups_and_unaligned_tensors():
 
 
 def test_penalty_through_public_op_and_empty_list():
-    _check_penalty(_penalty_case(torch.float32, torch.float32), 2.0, lambda *args: ops.penalty_grad_(
-        *args, backend="triton"))
+    _check_penalty(
+        _penalty_case(torch.float32, torch.float32), 2.0, lambda *args: ops.penalty_grad_(*args, backend="triton")
+    )
     assert ops.penalty_grad_([], [], [], [], 1.0, backend="triton").item() == 0.0
 
 
