@@ -273,8 +273,12 @@ class ConvRule(Rule):
         dilation = tuple(module.dilation) if two_d else (1, module.dilation[0])
         return two_d, k, stride, dilation
 
-    def _padded(self, site: Site) -> Tensor:
-        """The input padded as the layer pads it (any padding mode, 'same' too), as [B, C, H, W]."""
+    def _padded(self, site: Site) -> tuple[Tensor, tuple[int, int]]:
+        """The input as [B, C, H, W] and the zero padding still to apply, as the layer pads it.
+
+        Zero padding given as numbers is passed on to the kernels (no copy); 'same' (which
+        may be asymmetric) and the other padding modes are applied here, as the layer does.
+        """
         m = site.module
         x = site.x
         two_d, *_ = self._geometry(m)
@@ -284,19 +288,28 @@ class ConvRule(Rule):
                 f"{type(m).__name__} got an input of shape {tuple(x.shape)}; importance needs a batched "
                 f"{expected}-D input"
             )
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-        return x if two_d else x.unsqueeze(2)
+        if m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            pad = tuple(m.padding) if two_d else (0, m.padding[0])
+        else:
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+            pad = (0, 0)
+        return (x if two_d else x.unsqueeze(2)), pad
+
+    @staticmethod
+    def _operand(t: Tensor) -> Tensor:
+        """cuDNN takes 16-bit operands as they are (fp32 accumulation inside); elsewhere compute in fp32."""
+        return t if t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) else t.float()
 
     @staticmethod
     def _as4d(t: Tensor, two_d: bool) -> Tensor:
         return t if two_d else t.unsqueeze(2)
 
-    def _unfolded_groups(self, site: Site, xp: Tensor, d: Tensor):
+    def _unfolded_groups(self, site: Site, xp: Tensor, pad: tuple[int, int], d: Tensor):
         """Yield (omega row slice selector, Δ_g [B, L, O_g], unfolded x_g [B, L, C_g·k]) per group."""
         m = site.module
         _, k, stride, dilation = self._geometry(m)
-        unf = F.unfold(xp, k, dilation=dilation, padding=0, stride=stride)  # [B, C·kh·kw, L]
+        unf = F.unfold(xp, k, dilation=dilation, padding=pad, stride=stride)  # [B, C·kh·kw, L]
         groups = m.groups
         out_g = m.out_channels // groups
         cols_g = unf.shape[1] // groups
@@ -311,7 +324,7 @@ class ConvRule(Rule):
     def sample_abs(self, est, site, delta):
         m = site.module
         two_d, k, stride, dilation = self._geometry(m)
-        xp = self._padded(site)
+        xp, pad = self._padded(site)
         d = self._as4d(delta, two_d)
         w, b = site.params.get("weight"), site.params.get("bias")
         if w is not None:
@@ -320,7 +333,7 @@ class ConvRule(Rule):
             cols = xp.shape[1] * k[0] * k[1]
             per_sample = 4 * (omega.numel() // m.groups + positions * cols + d[0].numel())
             for s in est.chunks(xp.shape[0], bytes_per_sample=per_sample):
-                for rows, d_g, x_g in self._unfolded_groups(site, xp[s], d[s]):
+                for rows, d_g, x_g in self._unfolded_groups(site, xp[s], pad, d[s]):
                     ops.per_sample_abs_acc_(omega[rows], d_g, x_g, 1.0, est.backend)
         if b is not None:
             est.add_sum(b, d.float().sum((2, 3)).abs().sum(0))
@@ -328,33 +341,36 @@ class ConvRule(Rule):
     def batch_signed(self, est, site, delta):
         m = site.module
         two_d, k, stride, dilation = self._geometry(m)
-        xp = self._padded(site)
-        d = self._as4d(delta, two_d).float()
+        xp, pad = self._padded(site)
+        d = self._as4d(delta, two_d)
         out = {}
         if "weight" in site.params:
             w = site.params["weight"]
+            xo = self._operand(xp)
             g = torch.nn.grad.conv2d_weight(
-                xp.float(), (m.out_channels, m.in_channels // m.groups, *k), d, stride, 0, dilation, m.groups
+                xo, (m.out_channels, m.in_channels // m.groups, *k), d.to(xo.dtype), stride, pad, dilation, m.groups
             )
-            out["weight"] = g.view(w.shape)
+            out["weight"] = g.float().view(w.shape)
         if "bias" in site.params:
-            out["bias"] = d.sum((0, 2, 3))
+            out["bias"] = d.float().sum((0, 2, 3))
         return out
 
     def hebbian(self, est, site):
         m = site.module
         two_d, k, stride, dilation = self._geometry(m)
-        xp = self._padded(site)
+        xp, pad = self._padded(site)
         y = self._as4d(site.judged_output, two_d)
         events = y.shape[0] * y.shape[2] * y.shape[3]
         if "weight" in site.params:
             w = site.params["weight"]
+            xo = self._operand(xp).abs()
+            # the Hebbian sum is cuDNN's weight gradient of |x| and |y| (DESIGN.md §1)
             g = torch.nn.grad.conv2d_weight(
-                xp.float().abs(),
+                xo,
                 (m.out_channels, m.in_channels // m.groups, *k),
-                y.float().abs(),
+                y.to(xo.dtype).abs(),
                 stride,
-                0,
+                pad,
                 dilation,
                 m.groups,
             )
@@ -368,14 +384,14 @@ class ConvRule(Rule):
     def dense(self, est, site, delta, b0, b1):
         m = site.module
         two_d, *_ = self._geometry(m)
-        xp = self._padded(site)
+        xp, pad = self._padded(site)
         d = self._as4d(delta, two_d)[b0:b1].float()
         out = {}
         if "weight" in site.params:
             w = site.params["weight"]
             parts = [
                 torch.einsum("blo,bli->boi", d_g, x_g)
-                for _, d_g, x_g in self._unfolded_groups(site, xp[b0:b1].float(), d)
+                for _, d_g, x_g in self._unfolded_groups(site, xp[b0:b1].float(), pad, d)
             ]
             out["weight"] = torch.cat(parts, dim=1).reshape(b1 - b0, *w.shape)
         if "bias" in site.params:
