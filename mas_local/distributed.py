@@ -287,13 +287,14 @@ def sharded_add_penalty_grad_(mas, terms) -> Tensor:
         return sum_over_shards(parts)
 
 
-def make_estimator(model, mode, estimator, output_fn, backend, chunk_bytes, group=None, activation=None):
-    """An :class:`~mas_local.importance.Estimator`, or a :class:`ShardedEstimator` for FSDP2 models."""
+def make_estimator(model, mode, estimator, output_fn, backend, chunk_bytes, group=None, **options):
+    """An :class:`~mas_local.importance.Estimator`, or a :class:`ShardedEstimator` for FSDP2 models.
+
+    ``options`` are the Estimator's keyword settings (``activation``, ``precision``).
+    """
     if any(is_dtensor(p) for p in model.parameters()):
-        return ShardedEstimator(
-            model, mode, estimator, output_fn, backend, chunk_bytes, activation=activation, group=group
-        )
-    return Estimator(model, mode, estimator, output_fn, backend, chunk_bytes, activation=activation)
+        return ShardedEstimator(model, mode, estimator, output_fn, backend, chunk_bytes, group=group, **options)
+    return Estimator(model, mode, estimator, output_fn, backend, chunk_bytes, **options)
 
 
 class ShardedEstimator(Estimator):

@@ -219,7 +219,7 @@ class LinearRule(Rule):
         w, b = site.params.get("weight"), site.params.get("bias")
         if w is not None:
             if x.shape[1] == 1:  # one position per sample: |Σ_k| is rank-1, Σ_k|Δ_k x_kᵀ| = |Δ|ᵀ|X|
-                ops.abs_gemm_acc_(est.sum_of(w), d[:, 0], x[:, 0], 1.0, est.backend)
+                ops.abs_gemm_acc_(est.sum_of(w), d[:, 0], x[:, 0], 1.0, est.backend, est.precision)
             else:
                 out_f, in_f = d.shape[-1], x.shape[-1]
                 for s in est.chunks(x.shape[0], bytes_per_sample=4 * (out_f * in_f + x[0].numel() + d[0].numel())):
@@ -244,7 +244,7 @@ class LinearRule(Rule):
         rows = x2.shape[0]
         if "weight" in site.params:
             w = site.params["weight"]
-            ops.abs_gemm_acc_(est.sum_of(w), y2, x2, 1.0, est.backend)
+            ops.abs_gemm_acc_(est.sum_of(w), y2, x2, 1.0, est.backend, est.precision)
             est.add_count(w, rows)
         if "bias" in site.params:
             b = site.params["bias"]
@@ -593,12 +593,16 @@ class Estimator:
         backend: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         activation: Activation = None,
+        precision: str = "accurate",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.mode, self.estimator = resolve_mode(mode, estimator)
         self._activation_of = resolve_activations(model, self.mode, activation)
+        if precision not in ops.PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {ops.PRECISIONS}")
+        self.precision = precision
         from .distributed import check_sharded
 
         check_sharded(model, self.mode)
@@ -1036,6 +1040,7 @@ def compute_importance(
     sync: bool | None = None,
     process_group: Any = None,
     activation: Activation = None,
+    precision: str = "accurate",
 ) -> dict[str, Tensor]:
     """Estimate MAS importance Ω for every trainable parameter of ``model``.
 
@@ -1063,6 +1068,9 @@ def compute_importance(
         activation: local mode only: judge Linear/Conv layers by ``act(y)`` instead of
             their pre-activation output ``y`` (one callable for all such layers, or a
             mapping from module names/glob patterns to callables).
+        precision: operand precision of the abs-GEMM on GPUs: ``"accurate"`` (16-bit
+            operands as given, fp32 as TF32), ``"exact"`` (fp32) or ``"fast"`` (fp8 with
+            scales where the GPU has it; Ω error ≤ 1e-2). CPU backends are always exact.
 
     Returns:
         ``{parameter name: Ω}``, float32, on each parameter's device. Parameters with
@@ -1072,7 +1080,15 @@ def compute_importance(
 
     group = distributed.resolve_group(sync, process_group)
     est = distributed.make_estimator(
-        distributed.unwrap(model), mode, estimator, output_fn, backend, chunk_bytes, group, activation=activation
+        distributed.unwrap(model),
+        mode,
+        estimator,
+        output_fn,
+        backend,
+        chunk_bytes,
+        group,
+        activation=activation,
+        precision=precision,
     )
     run_pass(est, data, eval_mode=eval_mode, progress=progress, max_batches=max_batches, allow_empty=group is not None)
     if group is not None:

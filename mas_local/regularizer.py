@@ -38,6 +38,7 @@ class MAS:
 
     ``activation`` (local mode): judge Linear/Conv layers by ``act(y)`` rather than
     their pre-activation ``y``; one callable, or ``{module name or glob: callable}``.
+    ``precision`` (``"accurate"``/``"exact"``/``"fast"``) is the abs-GEMM operand precision on GPUs.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class MAS:
         sync: bool | None = None,
         process_group: Any = None,
         activation: Activation = None,
+        precision: str = "accurate",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -76,6 +78,9 @@ class MAS:
         self.mode, self.estimator = resolve_mode(mode, estimator)
         resolve_activations(model, self.mode, activation)  # fail now on a bad activation, not after a task
         self.activation = activation
+        if precision not in ops.PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {ops.PRECISIONS}")
+        self.precision = precision
         self.accumulate = accumulate
         self.alpha = float(alpha)
         self.output_fn = output_fn
@@ -108,6 +113,7 @@ class MAS:
             self.chunk_bytes,
             group,
             activation=self.activation,
+            precision=self.precision,
         )
 
     def consolidate(

@@ -163,3 +163,21 @@ def test_op_argument_errors():
         ml.ops.per_sample_abs_acc_(torch.zeros(2, 2), torch.randn(3, 4, 2), torch.randn(3, 4, 3))
     with pytest.raises(ValueError, match="mismatched"):
         ml.ops.penalty_grad_([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(4)], [torch.zeros(3)], 1.0)
+
+
+def test_precision_is_validated_and_reaches_the_op(monkeypatch):
+    with pytest.raises(ValueError, match="unknown precision"):
+        ml.compute_importance(MLP(), [torch.randn(2, 13)], precision="fp4", progress=False)
+    with pytest.raises(ValueError, match="unknown precision"):
+        ml.MAS(MLP(), precision="fp4")
+    seen = []
+    real = ml.ops.abs_gemm_acc_
+
+    def spy(omega, a, b, alpha=1.0, backend="auto", precision="accurate"):
+        seen.append(precision)
+        return real(omega, a, b, alpha, backend, precision)
+
+    monkeypatch.setattr(ml.ops, "abs_gemm_acc_", spy)
+    mas = ml.MAS(MLP(), mode="local", precision="fast", progress=False)
+    mas.consolidate([torch.randn(3, 13)])
+    assert seen and set(seen) == {"fast"}
