@@ -70,6 +70,13 @@ def resolve_mode(mode: str, estimator: str | None) -> tuple[str, str]:
     return mode, estimator
 
 
+def resolve_precision(precision: str) -> str:
+    """Validate the abs-GEMM operand precision (see :func:`mas_local.ops.abs_gemm_acc_`)."""
+    if precision not in ops.PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {ops.PRECISIONS}")
+    return precision
+
+
 def default_output_fn(output: Any) -> Tensor:
     """The tensor MAS measures: the output itself, its ``.logits``, or the first element of a tuple."""
     if isinstance(output, Tensor):
@@ -600,9 +607,7 @@ class Estimator:
         self.model = model
         self.mode, self.estimator = resolve_mode(mode, estimator)
         self._activation_of = resolve_activations(model, self.mode, activation)
-        if precision not in ops.PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; expected one of {ops.PRECISIONS}")
-        self.precision = precision
+        self.precision = resolve_precision(precision)
         from .distributed import check_sharded
 
         check_sharded(model, self.mode)

@@ -10,7 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, ops
-from .importance import DEFAULT_CHUNK_BYTES, Activation, Estimator, resolve_activations, resolve_mode, run_pass
+from .importance import (
+    DEFAULT_CHUNK_BYTES,
+    Activation,
+    Estimator,
+    resolve_activations,
+    resolve_mode,
+    resolve_precision,
+    run_pass,
+)
 
 ACCUMULATE = ("sum", "ema")
 _STATE_VERSION = 1
@@ -78,9 +86,7 @@ class MAS:
         self.mode, self.estimator = resolve_mode(mode, estimator)
         resolve_activations(model, self.mode, activation)  # fail now on a bad activation, not after a task
         self.activation = activation
-        if precision not in ops.PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; expected one of {ops.PRECISIONS}")
-        self.precision = precision
+        self.precision = resolve_precision(precision)
         self.accumulate = accumulate
         self.alpha = float(alpha)
         self.output_fn = output_fn
