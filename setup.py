@@ -11,7 +11,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,7 +50,7 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-packages = ["mas_local"]
+packages = find_packages(include=["mas_local", "mas_local.*"])
 package_dir = {"mas_local": "mas_local"}
 if os.path.exists(os.path.join(HERE, "kernels", "__init__.py")):
     packages.append("mas_local.kernels")

@@ -3,7 +3,7 @@
     python bench/cpu_ext_speed.py [--repeat N]
 
 Prints, per op and size, the minimum and median wall time of the torch reference
-(mas_local.reference) and of backend "ext" (mas_local._ext), and their ratio.
+(mas_local.ops.reference) and of backend "ext" (mas_local.ops.ext), and their ratio.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from mas_local import reference
+from mas_local.ops import reference
 
 try:
-    from mas_local import _ext
+    from mas_local.ops import ext as _ext
 except ImportError as exc:  # pragma: no cover - reported, not hidden
     raise SystemExit(f"mas_local._C is not built: {exc}") from exc
 

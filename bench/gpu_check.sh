@@ -69,7 +69,7 @@ else
 fi
 (cd /tmp && "$PY" - <<'PYEOF'
 import mas_local
-from mas_local import backend
+from mas_local.ops import backend
 print("mas_local from", mas_local.__file__)
 for name in backend.BACKENDS:
     print(f"  backend {name:7s} on cuda:", backend.unavailable_reason(name, "cuda") or "available")

@@ -39,8 +39,9 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(HERE))
 
 import mas_local  # noqa: E402
-from mas_local import backend as mbackend  # noqa: E402
-from mas_local import ops, reference  # noqa: E402
+from mas_local import ops  # noqa: E402
+from mas_local.ops import backend as mbackend  # noqa: E402
+from mas_local.ops import reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")

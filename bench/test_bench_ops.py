@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mas_local import ops
-from mas_local.backend import available_backends
+from mas_local.ops.backend import available_backends
 
 from .helpers import bench_device, bench_size, mean_seconds, sync
 

@@ -3,7 +3,7 @@
 One file per op, each with its ``@triton.jit`` kernels and launcher:
 :mod:`.abs_gemm` (``Ω += α|A|ᵀ|B|``), :mod:`.per_sample_abs` (``Ω += α Σ_b |A_bᵀB_b|``),
 :mod:`.penalty` (``grad += 2λΩ(θ−θ*)`` and ``λΣΩ(θ−θ*)²``). The functions have the
-signatures of :mod:`mas_local.reference`; :mod:`mas_local.backend` dispatches to them.
+signatures of :mod:`mas_local.ops.reference`; :mod:`mas_local.ops.backend` dispatches to them.
 
 Importing needs ``triton`` (an ``ImportError`` otherwise, which the dispatcher
 reports as "absent"). The kernels run on CUDA tensors, and on CPU tensors only

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mas_local import reference
+from mas_local.ops import reference
 
 log = logging.getLogger("mas_local")
 #: Operand dtypes the kernels take; others (float64) run the torch reference.

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mas_local import reference
+from mas_local.ops import reference
 
 from .abs_gemm import INTERPRET, KERNEL_DTYPES, _notice_reference, _prune, grouped_tile
 

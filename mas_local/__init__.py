@@ -6,10 +6,11 @@
 >>> loss = task_loss + mas.penalty()
 """
 
-from . import backend, ops, reference
-from .backend import BackendUnavailableError, available_backends
+from . import ops
 from .importance import Estimator, ImportanceError, compute_importance
 from .layers import MASConv2d, MASLinear, convert, revert
+from .ops import backend, reference
+from .ops.backend import BackendUnavailableError, available_backends
 from .regularizer import MAS
 
 __all__ = [

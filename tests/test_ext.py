@@ -19,10 +19,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mas_local import ops, reference
+from mas_local import ops
+from mas_local.ops import reference
 
 try:
-    from mas_local import _ext
+    from mas_local.ops import ext as _ext
 
     HAVE_EXT = True
     EXT_REASON = ""
@@ -388,7 +389,7 @@ def test_baseline_isa_path_cpu():
     import sys
 
     code = (
-        "import torch; from mas_local import _ext, reference as R\n"
+        "import torch; from mas_local.ops import ext as _ext, reference as R\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
         "    mk = lambda: torch.randn(1037, generator=g).to(dt)\n"

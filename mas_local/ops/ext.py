@@ -5,7 +5,7 @@ Importing ``mas_local._C`` registers the ops ``mas_local_ext::abs_gemm_acc_``,
 always, CUDA kernels when the extension was built with CUDA) and
 ``mas_local_ext::has_cuda``. This module adds their fake kernels, so ``torch.compile``
 traces through them, and exposes the three functions with the reference
-signatures (see :mod:`mas_local.reference`) that :mod:`mas_local.backend` calls.
+signatures (see :mod:`mas_local.ops.reference`) that :mod:`mas_local.ops.backend` calls.
 
 Importing this module raises ``ImportError`` when the extension is not built;
 the backend layer treats that as "ext absent".
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (registers the mas_local_ext:: ops)
+from .. import _C  # noqa: F401  (registers the mas_local_ext:: ops)
 from . import reference as _reference
 
 _ops = torch.ops.mas_local_ext
@@ -59,19 +59,19 @@ def supports(device: torch.device | str) -> str | None:
 
 
 def abs_gemm_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float, precision: str = "accurate") -> None:
-    """``omega += alpha * |a|ᵀ |b|`` (see :func:`mas_local.reference.abs_gemm_acc_`)."""
+    """``omega += alpha * |a|ᵀ |b|`` (see :func:`mas_local.ops.reference.abs_gemm_acc_`)."""
     _ops.abs_gemm_acc_(omega, a.detach(), b.detach(), float(alpha), precision)
 
 
 def per_sample_abs_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
-    """``omega += alpha * Σ_b |a_bᵀ b_b|`` (see :func:`mas_local.reference.per_sample_abs_acc_`)."""
+    """``omega += alpha * Σ_b |a_bᵀ b_b|`` (see :func:`mas_local.ops.reference.per_sample_abs_acc_`)."""
     _ops.per_sample_abs_acc_(omega, a.detach(), b.detach(), float(alpha))
 
 
 def penalty_grad_(
     grads: list[Tensor], params: list[Tensor], anchors: list[Tensor], omegas: list[Tensor], lam: float
 ) -> Tensor:
-    """``grad += 2λΩ(θ−θ*)``; returns ``λΣΩ(θ−θ*)²`` (see :func:`mas_local.reference.penalty_grad_`)."""
+    """``grad += 2λΩ(θ−θ*)``; returns ``λΣΩ(θ−θ*)²`` (see :func:`mas_local.ops.reference.penalty_grad_`)."""
     if not params:
         return torch.zeros((), dtype=torch.float32)
     if any(t.dtype not in _KERNEL_DTYPES for t in (*grads, *params)) or any(

@@ -5,7 +5,7 @@
 ``mas_local::penalty_grad_``       grad += 2λΩ(θ−θ*), returns λΣΩ(θ−θ*)²   (the fused penalty)
 
 Each op validates its arguments, then runs the implementation that
-:func:`mas_local.backend.resolve` picks for the device and the ``backend``
+:func:`mas_local.ops.backend.resolve` picks for the device and the ``backend``
 argument. Fake kernels let ``torch.compile`` trace through them.
 """
 

@@ -1,11 +1,11 @@
 """Backend dispatch: which implementation of an op runs on which device.
 
 Backends:
-  ``torch``  the reference ops in :mod:`mas_local.reference` (always present);
+  ``torch``  the reference ops in :mod:`mas_local.ops.reference` (always present);
   ``triton`` the kernels in :mod:`mas_local.kernels` (CUDA tensors, or CPU tensors
              when ``TRITON_INTERPRET=1`` was set before import);
   ``ext``    the compiled extension ``mas_local._C`` (C++ kernels on CPU tensors,
-             CUDA kernels on GPU tensors) through :mod:`mas_local._ext`.
+             CUDA kernels on GPU tensors) through :mod:`mas_local.ops.ext`.
 
 ``backend="auto"`` walks :data:`AUTO_ORDER` for the op and device type and takes
 the first backend that is present. A backend that ``auto`` wanted but could not
@@ -29,11 +29,11 @@ BACKENDS = ("torch", "triton", "ext")
 OPS = ("abs_gemm_acc", "per_sample_abs_acc", "penalty_grad")
 
 # Where each backend keeps each op: module path and function name. Every
-# function has the reference signature (see mas_local.reference).
+# function has the reference signature (see mas_local.ops.reference).
 _SITES: dict[str, str] = {
-    "torch": "mas_local.reference",
+    "torch": "mas_local.ops.reference",
     "triton": "mas_local.kernels",
-    "ext": "mas_local._ext",
+    "ext": "mas_local.ops.ext",
 }
 
 # Preference of ``auto`` per (op, device type), fastest measured first. The
