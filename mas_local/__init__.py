@@ -7,7 +7,9 @@
 """
 
 from . import ops
-from .importance import Estimator, ImportanceError, compute_importance
+from .config import ImportanceConfig
+from .errors import ImportanceError
+from .importance import Estimator, Rule, compute_importance, register_rule, unregister_rule
 from .layers import MASConv2d, MASLinear, convert, revert
 from .ops import backend, reference
 from .ops.backend import BackendUnavailableError, available_backends
@@ -17,15 +19,19 @@ __all__ = [
     "MAS",
     "BackendUnavailableError",
     "Estimator",
+    "ImportanceConfig",
     "ImportanceError",
     "MASConv2d",
     "MASLinear",
+    "Rule",
     "available_backends",
     "backend",
     "compute_importance",
     "convert",
     "ops",
     "reference",
+    "register_rule",
     "revert",
+    "unregister_rule",
 ]
 __version__ = "0.1.0"

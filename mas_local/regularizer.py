@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -9,16 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import distributed, ops
-from .importance import (
-    DEFAULT_CHUNK_BYTES,
-    Activation,
-    Estimator,
-    resolve_activations,
-    resolve_mode,
-    resolve_precision,
-    run_pass,
-)
+from . import ops
+from .config import DEFAULT_CHUNK_BYTES, Activation, ImportanceConfig
+from .distributed import checkpoint, fsdp, groups, memory
+from .distributed.penalty import sharded_add_penalty_grad_, sharded_penalty
+from .importance.activations import resolve_activations
+from .importance.estimator import Estimator
+from .importance.passes import make_estimator, run_pass
 
 ACCUMULATE = ("sum", "ema")
 _STATE_VERSION = 1
@@ -70,6 +68,18 @@ class MAS:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.config = ImportanceConfig(
+            mode=mode,
+            estimator=estimator,
+            output_fn=output_fn,
+            backend=backend,
+            chunk_bytes=chunk_bytes,
+            activation=activation,
+            precision=precision,
+            progress=progress,
+            sync=sync,
+            process_group=process_group,
+        )
         if not (isinstance(lam, (int, float)) and float(lam) >= 0 and torch.isfinite(torch.tensor(float(lam)))):
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         if accumulate not in ACCUMULATE:
@@ -78,25 +88,17 @@ class MAS:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         if omega_dtype not in OMEGA_DTYPES:
             raise ValueError(f"omega_dtype must be torch.float32 or torch.bfloat16, got {omega_dtype!r}")
-        distributed.resolve_group(sync, process_group)  # validates sync
+        groups.resolve_group(sync, process_group)  # sync=True without a process group fails now
         self.omega_dtype = omega_dtype
-        self.sync, self.process_group = sync, process_group
         self.model = model
         self.lam = float(lam)
-        self.mode, self.estimator = resolve_mode(mode, estimator)
-        resolve_activations(model, self.mode, activation)  # fail now on a bad activation, not after a task
-        self.activation = activation
-        self.precision = resolve_precision(precision)
+        resolve_activations(groups.unwrap(model), activation)  # fail now on a bad activation, not after a task
         self.accumulate = accumulate
         self.alpha = float(alpha)
-        self.output_fn = output_fn
-        self.backend = backend
-        self.chunk_bytes = chunk_bytes
-        self.progress = progress
         self.params: dict[str, nn.Parameter] = {}
         self.skipped: list[str] = []
-        distributed.reshard(distributed.unwrap(model))  # FSDP2: collect the sharded parameters
-        for name, p in distributed.unwrap(model).named_parameters():
+        fsdp.reshard(groups.unwrap(model))  # FSDP2: collect the sharded parameters
+        for name, p in groups.unwrap(model).named_parameters():
             if p.requires_grad:
                 self.params[name] = p
             else:
@@ -105,22 +107,19 @@ class MAS:
         self.anchors: dict[str, Tensor] = {}
         self.num_tasks = 0
 
+    # ---------------------------------------------------------------- settings
+    mode = property(lambda self: self.config.mode)
+    estimator = property(lambda self: self.config.estimator)
+    backend = property(lambda self: self.config.backend)
+    precision = property(lambda self: self.config.precision)
+    chunk_bytes = property(lambda self: self.config.chunk_bytes)
+    output_fn = property(lambda self: self.config.output_fn)
+
     # ---------------------------------------------------------------- consolidation
     def estimator_for_pass(self) -> Estimator:
         """A fresh :class:`~mas_local.importance.Estimator` configured like this MAS."""
-        group = distributed.resolve_group(self.sync, self.process_group)
-        model = distributed.unwrap(self.model)
-        return distributed.make_estimator(
-            model,
-            self.mode,
-            self.estimator,
-            self.output_fn,
-            self.backend,
-            self.chunk_bytes,
-            group,
-            activation=self.activation,
-            precision=self.precision,
-        )
+        group = groups.resolve_group(self.config.sync, self.config.process_group)
+        return make_estimator(self.model, self.config, group)
 
     def consolidate(
         self,
@@ -142,15 +141,15 @@ class MAS:
         (``data`` must yield the same batches in the same order) and the pass resumes.
         The checkpoint is removed once Ω is committed.
         """
-        group = distributed.resolve_group(self.sync, self.process_group)
-        est = self.estimator_for_pass()
+        group = groups.resolve_group(self.config.sync, self.config.process_group)
+        est = make_estimator(self.model, self.config, group)
         path, start, on_batch = None, 0, None
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
         if checkpoint_path is not None:
-            path = distributed.rank_path(checkpoint_path, group)
+            path = checkpoint.rank_path(checkpoint_path, group)
             if os.path.exists(path):
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = checkpoint.load_checkpoint(path)
                 task = state.get("mas_task") if isinstance(state, dict) else None
                 if task != self.num_tasks:
                     raise ValueError(
@@ -163,7 +162,7 @@ class MAS:
 
                 def on_batch(e):
                     if e.batches % checkpoint_every == 0:
-                        distributed.save_atomic({**e.state_dict(), "mas_task": self.num_tasks}, path)
+                        checkpoint.save_atomic({**e.state_dict(), "mas_task": self.num_tasks}, path)
 
         elif checkpoint_every is not None:
             raise ValueError("checkpoint_every needs checkpoint_path")
@@ -171,14 +170,13 @@ class MAS:
             est,
             data,
             eval_mode=eval_mode,
-            progress=self.progress,
             max_batches=max_batches,
             start=start,
             on_batch=on_batch,
             allow_empty=group is not None,
         )
         if group is not None:
-            distributed.sync_estimator(est, group)
+            groups.sync_statistics(est.stats, group)
         omega = self.commit(est.result())
         if path is not None and os.path.exists(path):
             os.remove(path)
@@ -198,8 +196,8 @@ class MAS:
         new = {}
         for name, p in self.params.items():
             omega = task_omega[name].detach().to(device=p.device, dtype=torch.float32)
-            if not distributed.is_dtensor(omega):
-                omega = distributed.shard_like(omega, p)  # FSDP2: keep this rank's shard only
+            if not fsdp.is_dtensor(omega):
+                omega = fsdp.shard_like(omega, p)  # FSDP2: keep this rank's shard only
             if self.num_tasks == 0 or name not in self.importance:
                 new[name] = omega.clone()
             elif self.accumulate == "sum":
@@ -220,8 +218,8 @@ class MAS:
 
     def penalty(self) -> Tensor:
         """``λ Σ Ω (θ − θ*)²`` as a differentiable scalar (0 before the first consolidation)."""
-        if any(distributed.is_dtensor(p) for p in self.params.values()):
-            return distributed.sharded_penalty(self)
+        if any(fsdp.is_dtensor(p) for p in self.params.values()):
+            return sharded_penalty(self)
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         total = torch.zeros((), device=device, dtype=torch.float32)
         for _, p, anchor, omega in self._terms():
@@ -241,8 +239,8 @@ class MAS:
         for _, p, _, _ in terms:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if any(distributed.is_dtensor(p) for _, p, _, _ in terms):
-            return distributed.sharded_add_penalty_grad_(self, terms)
+        if any(fsdp.is_dtensor(p) for _, p, _, _ in terms):
+            return sharded_add_penalty_grad_(self, terms)
         with torch.no_grad():
             return ops.penalty_grad_(
                 [p.grad for _, p, _, _ in terms],
@@ -293,9 +291,11 @@ class MAS:
                             f"MAS state does not match this model: {what}[{name!r}] has shape {shape}, "
                             f"the parameter has {tuple(p.shape)}"
                         )
-                    if not torch.isfinite(distributed.local(t).float()).all():
+                    if not torch.isfinite(fsdp.shard_of(t).float()).all():
                         raise ValueError(f"MAS state has NaN/Inf values in {what}[{name!r}]")
-        mode, estimator = resolve_mode(state.get("mode", self.mode), state.get("estimator", self.estimator))
+        config = dataclasses.replace(
+            self.config, mode=state.get("mode", self.mode), estimator=state.get("estimator", self.estimator)
+        )
         self.importance = {
             k: _like(importance[k].detach().to(self.params[k].device, self.omega_dtype), self.params[k])
             for k in importance
@@ -304,24 +304,24 @@ class MAS:
             k: _like(anchors[k].detach().to(self.params[k].device, self.params[k].dtype), self.params[k])
             for k in anchors
         }
-        self.mode, self.estimator = mode, estimator
+        self.config = config
         self.accumulate = state.get("accumulate", self.accumulate)
         self.alpha = float(state.get("alpha", self.alpha))
         self.lam = float(state.get("lam", self.lam))
         self.num_tasks = num_tasks
 
     # ---------------------------------------------------------------- memory
-    def memory_report(self) -> distributed.MemoryReport:
+    def memory_report(self) -> memory.MemoryReport:
         """Bytes MAS adds on this rank: Ω, θ* and the transient estimation buffers, per parameter and device.
 
         A dict (``params``, ``devices``, ``total``, ``bytes_per_param``, ``omega_dtype``) whose
-        ``str()`` is a table; see :func:`mas_local.distributed.memory_report`.
+        ``str()`` is a table; see :func:`mas_local.distributed.memory.memory_report`.
         """
-        return distributed.memory_report(self)
+        return memory.memory_report(self)
 
 
 def _like(t: Tensor, p: Tensor) -> Tensor:
     """A loaded tensor laid out like its parameter (a copy; a DTensor shard for FSDP2 parameters)."""
-    if distributed.is_dtensor(p) and not distributed.is_dtensor(t):
-        return distributed.shard_like(t, p).clone()
+    if fsdp.is_dtensor(p) and not fsdp.is_dtensor(t):
+        return fsdp.shard_like(t, p).clone()
     return t.clone()

@@ -50,39 +50,45 @@ def global_sample(model: nn.Module, batches) -> dict[str, torch.Tensor]:
 
 
 def global_batch_official(model: nn.Module, batches) -> dict[str, torch.Tensor]:
-    """The official MAS code: a running mean over samples of |∂ Σ_{k∈B}‖f‖² / ∂θ| weighted per batch.
+    """The official MAS code (Aljundi et al.), its omega update transcribed line by line.
 
-    It keeps ``omega = (omega * seen + |g_B|) / (seen + b)``-style updates; written
-    here as that running update, which equals 1/N Σ_B |g_B|.
+    For batch ``index`` of size ``b`` it back-propagates ``MSELoss(size_average=False)(out, 0)``
+    = Σ_{k∈B}‖f(x_k)‖² and updates ``omega += (|g| - b·omega) / ((index+1)·b)``, with b the
+    *current* batch's size: this unrolls to (1/#B) Σ_B |g_B| / b_B.
     """
     named = trainable(model)
     omega = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
-    seen = 0
-    for x in batches:
-        b = _size(x)
-        y = _out(model, x)
-        grads = torch.autograd.grad(y.double().pow(2).sum(), [p for _, p in named], allow_unused=True)
+    for index, x in enumerate(batches):
+        y = _out(model, x).double()
+        loss = torch.nn.functional.mse_loss(y, torch.zeros_like(y), reduction="sum")
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        batch_size = _size(x)
+        step_size = 1.0 / float((index + 1) * batch_size)
         for (n, _), g in zip(named, grads):
             g = torch.zeros_like(omega[n]) if g is None else g.double().abs()
-            omega[n] = (omega[n] * seen + g) / (seen + b)
-        seen += b
+            omega[n] = omega[n] + step_size * (g - batch_size * omega[n])
     return omega
 
 
 def global_batch_avalanche(model: nn.Module, batches) -> dict[str, torch.Tensor]:
-    """Avalanche's MASPlugin: (1/#batches) Σ_B |∂ mean_{k∈B}‖f(x_k)‖² / ∂θ|."""
+    """Avalanche 0.6 ``MASPlugin._get_importance``: ``loss = norm(out, p='fro', dim=1).pow(2).mean()``,
+    ``importance += |grad|`` per batch, then divided by the number of batches.
+
+    On a 2-D output this is (1/#B) Σ_B |∂ mean_{k∈B}‖f(x_k)‖² / ∂θ|; on ``[B, T, C]`` the
+    norm runs over T and the mean over B and C, so it is that divided by C.
+    """
     named = trainable(model)
-    omega = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
+    importance = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
     count = 0
     for x in batches:
-        y = _out(model, x)
-        loss = y.double().pow(2).flatten(1).sum(1).mean()
+        out = _out(model, x).double()
+        loss = torch.norm(out, p="fro", dim=1).pow(2).mean()
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         for (n, _), g in zip(named, grads):
             if g is not None:
-                omega[n] += g.double().abs()
+                importance[n] += g.double().abs()
         count += 1
-    return {n: v / count for n, v in omega.items()}
+    return {n: v / count for n, v in importance.items()}
 
 
 def _record_calls(model, x):
@@ -107,10 +113,11 @@ def _module_out(mod, args, kwargs):
 
 
 def local(model: nn.Module, batches, estimator: str) -> dict[str, torch.Tensor]:
-    """Local sample/batch: |∂(½‖y‖²)/∂θ| of each module's own output, per sample or per batch.
+    """Local sample/batch: |∂(½‖y‖²)/∂θ| of each module's own output.
 
-    Per-sample gradients of a parameter used at several calls are summed over the
-    calls before the absolute value.
+    ``sample``: (1/N) Σ_k over single samples. ``batch``: (1/#B) Σ_B |g_B| / b_B with g_B
+    the gradient of the whole batch. Gradients of a parameter used at several calls are
+    summed over the calls before the absolute value.
     """
     named = dict(trainable(model))
     ids = {id(p): n for n, p in named.items()}
@@ -137,8 +144,8 @@ def local(model: nn.Module, batches, estimator: str) -> dict[str, torch.Tensor]:
                     if g is not None:
                         g_sum[id(p)] = g_sum.get(id(p), 0) + g.double()
             for pid, g in g_sum.items():
-                acc[ids[pid]] += g.abs()
-        total += b
+                acc[ids[pid]] += g.abs() if estimator == "sample" else g.abs() / b
+        total += b if estimator == "sample" else 1
     return {n: v / total for n, v in acc.items()}
 
 

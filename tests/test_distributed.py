@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mas_local as ml
+from mas_local.distributed import sharded
 from mas_local.importance import run_pass
 from tests.models import MLP, TokenModel
 
@@ -140,7 +141,7 @@ def _worker(rank, port, out_dir):
 
         for mode, est in FSDP_CASES:
             # "sample": a 256-byte flush cap, so pending full-size sums are all-reduced several times a batch
-            ml.distributed.SYNC_BUCKET_BYTES = 256 if est == "sample" else 64 << 20
+            sharded.SYNC_BUCKET_BYTES = 256 if est == "sample" else 64 << 20
             model = _model("mlp")
             for m in (model.fc1, model.norm, model.fc2, model.head):  # the LayerNorm is an FSDP unit too
                 fully_shard(m)
@@ -148,14 +149,14 @@ def _worker(rank, port, out_dir):
             mas = ml.MAS(model, lam=0.9, mode=mode, estimator=est, progress=False)
             mas.consolidate(data[rank::WORLD])
             res["fsdp_omega", mode, est] = {k: _full(v) for k, v in mas.importance.items()}
-            res["fsdp_local_numel", mode, est] = sum(ml.distributed.local(v).numel() for v in mas.importance.values())
+            res["fsdp_local_numel", mode, est] = sum(ml.distributed.shard_of(v).numel() for v in mas.importance.values())
             res["fsdp_anchor_local_numel", mode, est] = sum(
-                ml.distributed.local(v).numel() for v in mas.anchors.values()
+                ml.distributed.shard_of(v).numel() for v in mas.anchors.values()
             )
         res["fsdp_report"] = dict(mas.memory_report()["total"])
         est_obj = mas.estimator_for_pass()
         run_pass(est_obj, data[rank::WORLD][:1], progress=False)
-        res["fsdp_estimator"] = (type(est_obj).__name__, {k: tuple(v.shape) for k, v in est_obj.sums.items()})
+        res["fsdp_estimator"] = (type(est_obj).__name__, {k: tuple(v.shape) for k, v in est_obj.stats.sums.items()})
         # resumable pass on the sharded model: interrupted after 1 of 2 batches, resumed
         path = os.path.join(out_dir, "fsdp_ckpt.pt")
         fresh = ml.MAS(model, mode="local", estimator="batch", progress=False)

@@ -10,6 +10,7 @@ from torch import nn
 
 import mas_local as ml
 from mas_local import backend as bk
+from tests import oracles
 from tests.models import MLP
 
 
@@ -89,7 +90,7 @@ def test_batchnorm_in_train_mode_is_refused_for_sample():
     assert model.training
 
 
-def test_parameter_used_outside_its_module_is_reported():
+def test_parameter_used_outside_its_module_is_computed_at_the_enclosing_module():
     class Outside(nn.Module):
         def __init__(self):
             super().__init__()
@@ -99,10 +100,26 @@ def test_parameter_used_outside_its_module_is_reported():
         def forward(self, x):
             return torch.nn.functional.linear(self.lin(x), self.scale.weight)  # scale's forward never runs
 
-    with pytest.raises(ml.ImportanceError, match=r"scale\.weight"):
-        ml.compute_importance(Outside(), [torch.randn(5, 4)], progress=False)
-    imp = ml.compute_importance(Outside(), [torch.randn(5, 4)], estimator="batch", progress=False)
+    torch.manual_seed(0)
+    model, x = Outside(), torch.randn(5, 4)
+    imp = ml.compute_importance(model, [x], progress=False)  # exact, at the root module (docs/math.md)
+    want = oracles.global_sample(model, [x])
+    for name in want:
+        torch.testing.assert_close(imp[name].double(), want[name], rtol=1e-5, atol=1e-7)
     assert imp["scale.weight"].sum() > 0
+
+
+def test_parameter_read_outside_every_module_call_is_refused():
+    model = nn.Sequential(nn.Linear(4, 3))
+    w = model[0].weight
+
+    def output_fn(y):  # reads the weight outside any module call: no exact per-sample method
+        return y @ w
+
+    with pytest.raises(ml.ImportanceError, match=r"'0\.weight'.*estimator='batch'"):
+        ml.compute_importance(model, [torch.randn(5, 4)], output_fn=output_fn, progress=False)
+    imp = ml.compute_importance(model, [torch.randn(5, 4)], output_fn=output_fn, estimator="batch", progress=False)
+    assert imp["0.weight"].sum() > 0
 
 
 def test_unknown_names():

@@ -76,20 +76,37 @@ def test_global_sample_matches_per_sample_loop(kind, converted):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_global_batch_matches_official_running_mean(kind):
+def test_global_batch_matches_official_update(kind):
     model, data = build(kind, converted=True)  # batches of 4 and 3: unequal sizes
     got = ml.compute_importance(model, data, mode="global", estimator="batch", progress=False)
     assert_close(got, oracles.global_batch_official(model, data))
 
 
-def test_global_batch_equals_avalanche_with_equal_batches():
+def test_global_batch_matches_official_and_avalanche_on_a_dataloader_short_last_batch():
     model, _ = build("mlp", converted=False)
     g = torch.Generator().manual_seed(5)
-    data = [torch.randn(4, 13, generator=g, dtype=torch.float64) for _ in range(3)]
+    dataset = torch.utils.data.TensorDataset(torch.randn(11, 13, generator=g, dtype=torch.float64))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)  # batches of 4, 4 and 3
+    data = [x for (x,) in loader]
+    assert [len(x) for x in data] == [4, 4, 3]
+    got = ml.compute_importance(model, loader, estimator="batch", progress=False)
+    assert_close(got, oracles.global_batch_official(model, data))
+    assert_close(got, oracles.global_batch_avalanche(model, data))
+    # and it is not the sample-weighted mean 1/N Σ_B |g_B| that equal batches would give
+    weighted = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x in data:
+        grads = torch.autograd.grad(model(x).pow(2).sum(), list(model.parameters()))
+        for (n, _), gr in zip(model.named_parameters(), grads):
+            weighted[n] += gr.abs() / 11
+    assert (got["fc1.weight"].double() - weighted["fc1.weight"]).abs().max() > 1e-3 * weighted["fc1.weight"].abs().max()
+
+
+def test_global_batch_is_avalanche_times_channels_on_sequence_outputs():
+    """Avalanche's norm(out, dim=1).pow(2).mean() on [B, T, C] also divides by C."""
+    model, data = build("tokens", converted=False)  # output [B, T=3, C=5]
     got = ml.compute_importance(model, data, estimator="batch", progress=False)
     ava = oracles.global_batch_avalanche(model, data)
-    # 1/N Σ_B |∂Σ_{k∈B}| = 1/(#B·b) Σ_B b|∂ mean_{k∈B}| = Avalanche's 1/#B Σ_B |∂ mean| when all b are equal
-    assert_close(got, ava)
+    assert_close(got, {n: 5 * v for n, v in ava.items()})
 
 
 @pytest.mark.parametrize("estimator", ["sample", "batch"])
@@ -248,7 +265,8 @@ def test_local_activation_sample_matches_loop(estimator):
     total = 0
     for x in data:
         calls = oracles._record_calls(model, x)
-        groups = [slice(k, k + 1) for k in range(x.shape[0])] if estimator == "sample" else [slice(0, x.shape[0])]
+        sample = estimator == "sample"
+        groups = [slice(k, k + 1) for k in range(x.shape[0])] if sample else [slice(0, x.shape[0])]
         for sl in groups:
             for mod, args, _ in calls:
                 y = mod(args[0][sl])
@@ -256,8 +274,8 @@ def test_local_activation_sample_matches_loop(estimator):
                 names = [n for n, p in model.named_parameters() if any(p is q for q in mod.parameters(False))]
                 grads = torch.autograd.grad(0.5 * a.pow(2).sum(), list(mod.parameters(False)))
                 for n, g in zip(names, grads):
-                    want[n] += g.abs()
-        total += x.shape[0]
+                    want[n] += g.abs() if sample else g.abs() / x.shape[0]
+        total += x.shape[0] if sample else 1
     assert_close(got, {n: v / total for n, v in want.items()})
 
 

@@ -1,0 +1,92 @@
+"""Data-parallel importance passes: wrappers, process groups, and the all-reduce of the statistics.
+
+Each rank runs the pass on its own share of the data; the sufficient statistics
+(float32 sums, counts, samples, batches, coverage) are then all-reduced, so every
+rank ends with the Ω a single process would get on all the data (up to float
+summation order). DDP / DataParallel wrappers are looked through: estimation runs on
+``.module`` and parameters keep the inner module's names (``docs/distributed.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .fsdp import shard_of
+
+SYNC_BUCKET_BYTES = 64 << 20
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module MAS estimates and names parameters by: DDP / DataParallel wrappers are looked through."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def resolve_group(sync: bool | None, process_group: Any = None) -> Any:
+    """The process group to all-reduce statistics over, or ``None`` for a single-process pass."""
+    if sync not in (None, True, False):
+        raise ValueError(f"sync must be None, True or False, got {sync!r}")
+    if sync is False:
+        return None
+    ready = dist.is_available() and dist.is_initialized()
+    if not ready:
+        if sync:
+            raise RuntimeError("sync=True needs an initialised torch.distributed process group")
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    if dist.get_world_size(group) <= 1:
+        return None
+    return group
+
+
+def sync_statistics(stats, group: Any, bucket_bytes: int = SYNC_BUCKET_BYTES) -> None:
+    """All-reduce a pass's :class:`~mas_local.importance.statistics.Statistics` over ``group`` in place.
+
+    Every rank must call this with statistics of the same model and settings; the sums
+    travel in flat float32 buckets of at most ``bucket_bytes``. Sums that a subclass
+    keeps sharded and reduced already (``presynced``) are skipped.
+    """
+    stats.flush()
+    names = list(stats.params)
+    presynced = getattr(stats, "presynced", set())
+    for name in names:
+        if name not in presynced:
+            stats.sum_of(stats.params[name])  # ranks that never saw a parameter contribute zeros
+    by_device: dict[torch.device, list[str]] = {}
+    for name in names:
+        if name not in presynced:
+            by_device.setdefault(stats.sums[name].device, []).append(name)
+    for names_on_device in by_device.values():
+        bucket: list[str] = []
+        size = 0
+        for name in names_on_device + [None]:
+            if name is not None and (not bucket or size + 4 * stats.sums[name].numel() <= bucket_bytes):
+                bucket.append(name)
+                size += 4 * stats.sums[name].numel()
+                continue
+            flat = torch.cat([stats.sums[k].reshape(-1) for k in bucket])
+            dist.all_reduce(flat, group=group)
+            offset = 0
+            for k in bucket:
+                numel = stats.sums[k].numel()
+                stats.sums[k].copy_(flat[offset : offset + numel].view_as(stats.sums[k]))
+                offset += numel
+            bucket, size = ([name], 4 * stats.sums[name].numel()) if name is not None else ([], 0)
+    device = shard_of(stats.params[names[0]]).device
+    meta = torch.tensor(
+        [stats.counts[k] for k in names] + [int(k in stats.seen) for k in names] + [stats.samples, stats.batches],
+        dtype=torch.int64,
+        device=device,
+    )
+    dist.all_reduce(meta, group=group)
+    values = meta.tolist()
+    count = len(names)
+    stats.counts = {k: int(values[i]) for i, k in enumerate(names)}
+    stats.seen = {k for i, k in enumerate(names) if values[count + i] > 0}
+    stats.samples, stats.batches = int(values[2 * count]), int(values[2 * count + 1])

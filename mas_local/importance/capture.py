@@ -1,0 +1,147 @@
+"""Capture of module calls during one forward pass.
+
+Converted layers (:mod:`mas_local.layers`) report their input and output from their
+own forward; every other planned module is observed through a temporary forward
+hook that runs before any hook of the user's (so it sees the module's own output).
+Modules that declare a sequence-first layout get a pre/post hook that tells the
+calls inside them where their batch dimension is (:mod:`.layouts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..errors import ImportanceError
+from ..layers import _TapMixin
+from .batches import tensor_leaves
+from .layouts import input_dims, is_sequence_first, output_dims
+
+
+@dataclass
+class Site:
+    """One call of a planned module during one batch."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    outputs: list[Tensor]  # tensor leaves of the output
+    in_dims: list[int | None]  # batch dim of each leaf of (args, kwargs); None: shared
+    out_dims: list[int | None]  # batch dim of each output leaf
+    versions: list[int] = field(default_factory=list)
+    deltas: list[Tensor | None] = field(default_factory=list)
+    live: dict[str, Tensor] | None = None  # parameter values used, when not the registered ones (FSDP2)
+    activated: Tensor | None = None  # local mode with a user activation: act(y)
+
+    @property
+    def x(self) -> Tensor:
+        """The first positional input (Linear, Conv and Embedding rules read this)."""
+        return self.args[0]
+
+    @property
+    def x_dim(self) -> int | None:
+        return self.in_dims[0] if self.in_dims else None
+
+    @property
+    def delta(self) -> Tensor | None:
+        """Δ of the first output: ∂loss/∂y (global) or y, resp. ∂(½‖act(y)‖²)/∂y (local)."""
+        return self.deltas[0] if self.deltas else None
+
+    @property
+    def judged_output(self) -> Tensor:
+        """The output local hebbian pairs with the input: act(y) if an activation was given, else y."""
+        return self.outputs[0] if self.activated is None else self.activated
+
+    def batch_first(self, t: Tensor, dim: int | None) -> Tensor:
+        """``t`` with its batch dimension moved to the front (a view when it already is)."""
+        if dim is None:
+            raise ImportanceError(
+                f"{type(self.module).__name__} got a tensor of shape {tuple(t.shape)} without the batch dimension; "
+                "per-sample estimators need one (use estimator='batch')"
+            )
+        return t if dim == 0 else t.movedim(dim, 0)
+
+    def changed_in_place(self) -> bool:
+        return [t._version for t in tensor_leaves((self.args, self.kwargs)) + self.outputs] != self.versions
+
+
+class Capture:
+    """Context manager: while active, calls of ``modules`` are recorded as :class:`Site` objects.
+
+    ``clone`` records copies of inputs and outputs (the model continues with the copies of
+    the outputs), for models that modify captured tensors in place. ``on_site`` is called
+    with each new site (FSDP2 gathers parameter values there).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: list[nn.Module],
+        n: int,
+        *,
+        clone: bool = False,
+        on_site: Callable[[Site], None] | None = None,
+    ) -> None:
+        self.model, self.modules, self.n = model, modules, n
+        self.clone, self.on_site = clone, on_site
+        self.sites: list[Site] = []
+        self.paused = 0  # > 0 while a rule re-runs a module (those calls are not sites)
+        self._seq_first = 0
+        self._handles: list = []
+        self._wanted = {id(m) for m in modules}
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.paused or id(module) not in self._wanted:
+            return output
+        leaves, spec = tree_flatten(output)
+        if self.clone:  # keep the originals; the model continues with copies it may modify in place
+            args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+            kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+            output = tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
+        outputs = [t for t in leaves if isinstance(t, Tensor)]
+        inner_seq_first = self._seq_first - (1 if is_sequence_first(module) else 0) > 0
+        site = Site(
+            module,
+            args,
+            kwargs,
+            outputs,
+            input_dims(module, args, kwargs, self.n, inner_seq_first),
+            output_dims(module, outputs, self.n, inner_seq_first),
+        )
+        site.versions = [t._version for t in tensor_leaves((args, kwargs)) + outputs]
+        if self.on_site is not None:
+            self.on_site(site)
+        self.sites.append(site)
+        return output
+
+    def _enter_layout(self, module, args, kwargs):
+        self._seq_first += 1
+
+    def _leave_layout(self, module, args, kwargs, output):
+        self._seq_first -= 1
+
+    def __enter__(self) -> Capture:
+        for module in self.model.modules():
+            if is_sequence_first(module):
+                self._handles.append(module.register_forward_pre_hook(self._enter_layout, with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_hook(self._leave_layout, with_kwargs=True, always_call=True)
+                )
+        for module in self.modules:
+            if isinstance(module, _TapMixin):
+                module._mas_tap = self._record
+            else:
+                self._handles.append(module.register_forward_hook(self._record, with_kwargs=True, prepend=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for module in self.modules:
+            if isinstance(module, _TapMixin):
+                module.__dict__.pop("_mas_tap", None)

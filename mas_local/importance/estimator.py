@@ -1,0 +1,321 @@
+"""One importance pass: capture the module calls of each batch, get their Δ, reduce them into statistics.
+
+The definitions are in ``docs/math.md``. Per batch:
+
+1. On the first batch, :mod:`.plan` finds where each parameter is read and so which
+   module call computes it (one place per parameter, by identity).
+2. A forward pass with the planned modules captured (:mod:`.capture`).
+3. Δ of every captured output: ∂(Σ_k‖f(x_k)‖²)/∂y by one ``autograd.grad`` (global) or
+   the output itself (local: ∂(½‖y‖²)/∂y = y).
+4. :mod:`.reduction` turns the calls into sums and counts (:mod:`.statistics`) with the
+   per-layer rules (:mod:`.rules`).
+
+Global ``batch`` skips all that: one ``autograd.grad`` of the batch's Σ_k‖f(x_k)‖².
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import DEFAULT_CHUNK_BYTES, Activation, ImportanceConfig
+from ..distributed.fsdp import full_params, is_dtensor, reshard
+from ..errors import ImportanceError
+from .activations import resolve_activations
+from .batches import batch_size, call_model, check_batch, default_output_fn
+from .capture import Capture, Site
+from .plan import Plan, UsageProbe, registration_plan
+from .reduction import reduce_sites
+from .statistics import Statistics
+
+log = logging.getLogger("mas_local")
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module):
+    """Run a throw-away forward: buffers (BatchNorm statistics) and RNG states are restored afterwards."""
+    saved = [(m, k, b, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, k, b, copy in saved:
+                    m._buffers[k] = b
+                    b.copy_(copy)
+
+
+class Estimator:
+    """Accumulates the statistics of one importance pass: ``update(batch)`` per batch, then ``result()``.
+
+    Rules (:mod:`mas_local.importance.rules`) see it as their accumulator: ``batch_samples``,
+    ``sum_of``, ``add_sum``, ``add_count``, ``chunks``, ``backend``, ``precision``,
+    ``recomputing``.
+    """
+
+    # global batch: one autograd.grad w.r.t. the parameters (False: through the per-module rules)
+    batch_by_autograd = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str = "global",
+        estimator: str | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        backend: str = "auto",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        activation: Activation = None,
+        precision: str = "accurate",
+        *,
+        config: ImportanceConfig | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if config is None:
+            config = ImportanceConfig(
+                mode=mode,
+                estimator=estimator,
+                output_fn=output_fn,
+                backend=backend,
+                chunk_bytes=chunk_bytes,
+                activation=activation,
+                precision=precision,
+            )
+        self.config = config
+        self.model = model
+        self.activation_of = resolve_activations(model, config.activation)
+        reshard(model)  # FSDP2: the registered parameters are the sharded ones
+        self.output_fn = config.output_fn or default_output_fn
+        self.params: dict[str, nn.Parameter] = {}
+        self.frozen: list[str] = []
+        for name, p in model.named_parameters():  # lists a tied parameter once
+            (self.params.__setitem__(name, p) if p.requires_grad else self.frozen.append(name))
+        if not self.params:
+            raise ImportanceError("the model has no trainable parameters (all have requires_grad=False)")
+        self.names = {id(p): name for name, p in self.params.items()}
+        self.sharded = any(is_dtensor(p) for p in self.params.values())
+        self.stats = self.make_statistics()
+        self.plan: Plan | None = None
+        self.batch_samples = 0
+        self._device_type = next(iter(self.params.values())).device.type
+        self._capture: Capture | None = None
+        self._notices: set = set()
+
+    # -- settings seen by rules and callers ----------------------------------------
+    mode = property(lambda self: self.config.mode)
+    estimator = property(lambda self: self.config.estimator)
+    backend = property(lambda self: self.config.backend)
+    precision = property(lambda self: self.config.precision)
+    chunk_bytes = property(lambda self: self.config.chunk_bytes)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a partial pass depends on: settings and the trainable parameters' names, shapes, dtypes."""
+        return {
+            "mode": self.mode,
+            "estimator": self.estimator,
+            "params": [[name, list(p.shape), str(p.dtype).replace("torch.", "")] for name, p in self.params.items()],
+        }
+
+    def make_statistics(self) -> Statistics:
+        return Statistics(self.params, self.fingerprint())
+
+    # -- the accumulator interface of the rules ---------------------------------------
+    def sum_of(self, p: Tensor) -> Tensor:
+        return self.stats.sum_of(p)
+
+    def add_sum(self, p: Tensor, value: Tensor) -> None:
+        self.stats.add_sum(p, value)
+
+    def add_count(self, p: Tensor, count: int) -> None:
+        self.stats.add_count(p, count)
+
+    def chunks(self, n: int, bytes_per_sample: int) -> list[slice]:
+        step = max(1, self.chunk_bytes // max(1, bytes_per_sample))
+        return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+    def notice_once(self, key, msg: str, *args) -> None:
+        if key not in self._notices:
+            self._notices.add(key)
+            log.info("mas_local: " + msg, *args)
+
+    @contextlib.contextmanager
+    def recomputing(self):
+        """Module calls made by a rule re-running a module are not captured."""
+        cap = self._capture
+        if cap is not None:
+            cap.paused += 1
+        try:
+            yield
+        finally:
+            if cap is not None:
+                cap.paused -= 1
+
+    # -- statistics (kept here for callers: checkpoints, distributed sync) ------------------
+    batches = property(lambda self: self.stats.batches)
+    samples = property(lambda self: self.stats.samples)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.stats.load_state_dict(state)
+
+    def result(self) -> dict[str, Tensor]:
+        """Ω per parameter name (float32, detached)."""
+        return self.stats.result(covers_all=self.mode == "global" and self.estimator == "batch")
+
+    # -- one batch ----------------------------------------------------------------------
+    def update(self, batch: Any) -> None:
+        """Add one batch to the statistics. An error leaves the model and its buffers untouched."""
+        check_batch(self.model, batch, self.stats.batches)
+        n = batch_size(batch)
+        self.batch_samples = n
+        if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
+            self._global_batch(batch, n)
+        else:
+            if self.plan is None:
+                self.plan = self._make_plan(batch, n)
+            self._update_through_sites(batch, n)
+        self.stats.samples += n
+        self.stats.batches += 1
+
+    def _make_plan(self, batch: Any, n: int) -> Plan:
+        if self.sharded:  # FSDP2 swaps parameter objects during the forward: plan by registration
+            plan = registration_plan(self.model, self.params)
+        else:
+            probe = UsageProbe(self.model, self.params, n)
+            grad = torch.enable_grad() if self.mode == "global" else torch.no_grad()
+            with preserved_state(self.model), grad, probe:
+                self.output_fn(call_model(self.model, batch))
+            plan = probe.plan(self.params)
+        if plan.unreachable:
+            raise ImportanceError(
+                f"no exact {self.mode} '{self.estimator}' importance for these parameters: "
+                + "; ".join(plan.unreachable.values())
+                + ". Use mode='global', estimator='batch' (one autograd pass over the whole model), "
+                "or freeze them (requires_grad=False)"
+            )
+        return plan
+
+    def _on_site(self, site: Site) -> None:
+        if not self.sharded:
+            return
+        for rule, params in self.plan.sites[id(site.module)].groups:
+            if rule.reruns_module:  # FSDP2 frees the gathered values after the forward
+                site.live = full_params(site.module, params)
+
+    def _forward(self, batch: Any, n: int, clone: bool) -> tuple[Tensor, list[Site]]:
+        cap = Capture(self.model, self.plan.modules, n, clone=clone, on_site=self._on_site)
+        self._capture = cap
+        try:
+            with cap:
+                out = self.output_fn(call_model(self.model, batch))
+        finally:
+            self._capture = None
+        if not isinstance(out, Tensor):
+            raise ImportanceError(f"output_fn returned {type(out).__name__}, expected a Tensor")
+        if out.dim() == 0 or out.shape[0] != n:
+            raise ImportanceError(
+                f"the model output has shape {tuple(out.shape)}, which has no batch dimension of size {n}; "
+                "MAS needs one output per sample (pass output_fn to select it)"
+            )
+        if not torch.isfinite(out).all():
+            raise ImportanceError("the model output contains NaN or Inf values; importance would be meaningless")
+        return out, cap.sites
+
+    def _needs_samples(self, rule) -> bool:
+        return self.estimator == "sample" or (self.estimator == "hebbian" and not rule.hebbian)
+
+    def _update_through_sites(self, batch: Any, n: int) -> None:
+        for attempt in range(2):
+            grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
+            with grad_ctx:
+                out, sites = self._forward(batch, n, clone=attempt == 1)
+                for s in sites:
+                    for rule, _ in self.plan.sites[id(s.module)].groups:
+                        rule.check(self, s, self._needs_samples(rule))
+                if self.mode == "global":
+                    self._global_deltas(out, sites)
+                else:
+                    self._local_deltas(sites)
+            if any(s.changed_in_place() for s in sites):
+                if attempt == 0:
+                    self.notice_once(
+                        "inplace",
+                        "a layer input or output was modified in place (e.g. ReLU(inplace=True)); "
+                        "re-running with copies of the captured tensors",
+                    )
+                    continue
+                raise ImportanceError("captured tensors changed in place even on copies")
+            # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
+            with torch.autocast(self._device_type, enabled=False):
+                reduce_sites(self, sites, self.plan)
+            return
+
+    def _local_deltas(self, sites: list[Site]) -> None:
+        for s in sites:
+            s.outputs = [t.detach() for t in s.outputs]
+            s.deltas = [t if t.is_floating_point() else None for t in s.outputs]
+            act = self.activation_of.get(id(s.module))
+            if act is not None:
+                _apply_activation(s, act)
+
+    def _global_deltas(self, out: Tensor, sites: list[Site]) -> None:
+        loss = out.float().pow(2).sum()
+        if not loss.requires_grad:
+            raise ImportanceError("the model output does not depend on any trainable parameter")
+        targets = [t for s in sites for t in s.outputs if t.requires_grad]
+        covered = {id(p) for s in sites for _, params in self.plan.sites[id(s.module)].groups for p in params.values()}
+        uncovered = [p for p in self.params.values() if id(p) not in covered]
+        grads = torch.autograd.grad(loss, targets + uncovered, allow_unused=True)
+        by_id = {id(t): g for t, g in zip(targets, grads[: len(targets)])}
+        for s in sites:
+            s.deltas = [by_id.get(id(t)) for t in s.outputs]
+        used_elsewhere = [self.names[id(p)] for p, g in zip(uncovered, grads[len(targets) :]) if g is not None]
+        if used_elsewhere:
+            raise ImportanceError(
+                "these parameters reach the output through module calls other than those found on the first "
+                f"batch of the pass, so their per-sample gradients cannot be attributed: {used_elsewhere}. "
+                "Use estimator='batch' for this model, or freeze them (requires_grad=False)"
+            )
+
+    def _global_batch(self, batch: Any, n: int) -> None:
+        with torch.enable_grad():
+            out, _ = self._forward_plain(batch, n)
+            loss = out.float().pow(2).sum()
+            if not loss.requires_grad:
+                raise ImportanceError("the model output does not depend on any trainable parameter")
+            grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
+        for p, g in zip(self.params.values(), grads):
+            if g is not None:
+                self.add_sum(p, g.float().abs() / n)  # |g_B| / b_B: every batch weighs the same
+        self.stats.count_all(1)
+
+    def _forward_plain(self, batch: Any, n: int) -> tuple[Tensor, list[Site]]:
+        plan, self.plan = self.plan, Plan()
+        try:
+            return self._forward(batch, n, clone=False)
+        finally:
+            self.plan = plan
+
+
+def _apply_activation(site: Site, act: Callable[[Tensor], Tensor]) -> None:
+    """Judge the layer by a = act(y): hebbian pairs |a| with |x|; sample/batch use Δ = ∂(½‖a‖²)/∂y."""
+    y = site.outputs[0]
+    with torch.enable_grad():
+        leaf = y.detach().requires_grad_(True)
+        a = act(leaf)
+        if not isinstance(a, Tensor) or a.shape != y.shape:
+            raise ImportanceError(
+                f"the activation for {type(site.module).__name__} must return a tensor of the layer's output "
+                f"shape {tuple(y.shape)}, got {tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}"
+            )
+        (delta,) = torch.autograd.grad(0.5 * a.float().pow(2).sum(), leaf, allow_unused=True)
+    site.activated = a.detach()
+    site.deltas[0] = torch.zeros_like(y) if delta is None else delta

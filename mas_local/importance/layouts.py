@@ -1,0 +1,119 @@
+"""Where the batch dimension is in each tensor a module call sees.
+
+Data batches are batch-first. Inside a model, most modules see their samples along
+dimension 0; the torch modules that declare a layout are read by that declaration
+(``docs/math.md``, "Layouts"):
+
+- ``nn.MultiheadAttention``: query/key/value along dim 1 when ``batch_first=False``;
+  ``key_padding_mask`` ``[B, S]`` along dim 0; a 2-D ``attn_mask`` is shared; a 3-D one
+  (``[B·heads, L, S]``) cannot be split per sample and is refused.
+- ``nn.RNN/LSTM/GRU``: the input along dim 1 unless ``batch_first``; hidden states
+  ``[layers, B, H]`` always along dim 1; packed sequences are refused.
+- ``nn.Transformer*`` with ``batch_first=False``: their sequence tensors along dim 1,
+  masks as above, and every module they call (Linear, LayerNorm, ...) along dim 1.
+
+Everything else: a tensor whose leading dimension equals the batch size is batched
+along dim 0; other tensors are shared by the batch. A shape cannot tell ``[T, B, ·]``
+from ``[B, T, ·]`` when T == B: modules outside these types that run sequence-first
+must be wrapped so that they see batch-first tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import tree_flatten
+
+from ..errors import ImportanceError
+
+_CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder)
+
+
+def declares_layout(module: nn.Module) -> bool:
+    return isinstance(module, (nn.MultiheadAttention, nn.RNNBase, nn.Transformer) + _CONTAINERS)
+
+
+def is_sequence_first(module: nn.Module) -> bool:
+    """Whether a torch module declares ``batch_first=False`` (for containers: through their attention)."""
+    if isinstance(module, (nn.MultiheadAttention, nn.RNNBase, nn.Transformer)):
+        return not module.batch_first
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return len(module.layers) > 0 and not module.layers[0].self_attn.batch_first
+    return False
+
+
+def _default_dim(t: Any, n: int, seq_first: bool) -> int | None:
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return None
+    if seq_first:
+        return 1 if t.dim() >= 2 and t.shape[1] == n else None
+    return 0 if t.shape[0] == n else None
+
+
+def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    sig = inspect.signature(type(module).forward)
+    return dict(sig.bind(module, *args, **kwargs).arguments)
+
+
+def _mask_dim(name: str, t: Tensor, module: nn.Module) -> int | None:
+    if "key_padding_mask" in name:
+        return 0
+    if t.dim() >= 3:
+        raise ImportanceError(
+            f"{type(module).__name__} got a {t.dim()}-D {name} {tuple(t.shape)}: a per-sample-and-head mask "
+            "cannot be split per sample; pass a 2-D mask (shared) or a key padding mask, or use estimator='batch'"
+        )
+    return None
+
+
+def _declared_dim(module: nn.Module, name: str, t: Any, n: int) -> int | None:
+    if not isinstance(t, Tensor):
+        if isinstance(t, PackedSequence):
+            raise ImportanceError(
+                f"{type(module).__name__} got a PackedSequence: per-sample importance needs padded batches "
+                "(use estimator='batch' or pad the sequences)"
+            )
+        return None
+    if "mask" in name:
+        return _mask_dim(name, t, module)
+    if isinstance(module, nn.RNNBase) and name == "hx":
+        return 1 if t.dim() == 3 else None
+    if t.dim() < 3:  # an unbatched call of a layout-declaring module
+        return None
+    return 1 if is_sequence_first(module) else 0
+
+
+def input_dims(module: nn.Module, args: tuple, kwargs: dict, n: int, in_seq_first: bool) -> list[int | None]:
+    """The batch dimension of each tensor leaf of ``(args, kwargs)`` (``None``: shared by the batch)."""
+    leaves, _ = tree_flatten((args, kwargs))
+    if not declares_layout(module):
+        return [_default_dim(t, n, in_seq_first) for t in leaves]
+    dims: list[int | None] = []
+    bound = _bound(module, args, kwargs)
+    by_leaf: dict[int, int | None] = {}
+    for name, value in bound.items():
+        if name == "self":
+            continue
+        for leaf in tree_flatten(value)[0]:
+            by_leaf[id(leaf)] = _declared_dim(module, name, leaf, n)
+    for t in leaves:
+        dims.append(by_leaf.get(id(t)) if isinstance(t, Tensor) else None)
+    return dims
+
+
+def output_dims(module: nn.Module, outputs: list[Tensor], n: int, in_seq_first: bool) -> list[int | None]:
+    """The batch dimension of each tensor leaf of a module's output."""
+    if isinstance(module, nn.RNNBase):
+        first = (0 if module.batch_first else 1) if outputs and outputs[0].dim() == 3 else None
+        return [first] + [1 if t.dim() == 3 else None for t in outputs[1:]]
+    if isinstance(module, nn.MultiheadAttention):
+        first = (0 if module.batch_first else 1) if outputs and outputs[0].dim() == 3 else None
+        return [first] + [0 if t.dim() >= 3 else None for t in outputs[1:]]
+    if declares_layout(module):
+        return [(1 if is_sequence_first(module) else 0) if t.dim() == 3 else None for t in outputs]
+    return [_default_dim(t, n, in_seq_first) for t in outputs]

@@ -1,0 +1,149 @@
+"""A pass over the data: the public :func:`compute_importance` and the loop behind it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..config import DEFAULT_CHUNK_BYTES, Activation, ImportanceConfig
+from ..distributed.fsdp import is_dtensor, reshard
+from ..distributed.groups import resolve_group, sync_statistics, unwrap
+from ..distributed.sharded import ShardedEstimator
+from ..errors import ImportanceError
+from .estimator import Estimator
+
+log = logging.getLogger("mas_local")
+
+
+def make_estimator(model: nn.Module, config: ImportanceConfig, group: Any = None) -> Estimator:
+    """An :class:`Estimator`, or a :class:`~mas_local.distributed.sharded.ShardedEstimator` for FSDP2 models."""
+    model = unwrap(model)
+    reshard(model)
+    if any(is_dtensor(p) for p in model.parameters()):
+        return ShardedEstimator(model, config=config, group=group)
+    return Estimator(model, config=config)
+
+
+def run_pass(
+    est: Estimator,
+    data: Iterable[Any],
+    *,
+    eval_mode: bool | None = None,
+    progress: bool | None = None,
+    max_batches: int | None = None,
+    start: int = 0,
+    on_batch: Callable[[Estimator], None] | None = None,
+    allow_empty: bool = False,
+) -> Estimator:
+    """Feed ``data`` (skipping the first ``start`` batches) into ``est``; restores each module's mode.
+
+    ``eval_mode``/``progress`` default to the estimator's config. ``on_batch(est)`` runs after
+    each batch (checkpointing); ``allow_empty`` lets a rank with no data of its own take part
+    in a distributed pass.
+    """
+    if isinstance(data, (Tensor, Mapping)):
+        raise TypeError("data must be an iterable of batches (e.g. a DataLoader or a list of tensors), not one batch")
+    eval_mode = est.config.eval_mode if eval_mode is None else eval_mode
+    progress = est.config.progress if progress is None else progress
+    if est.frozen:
+        log.info("mas_local: skipping %d parameters with requires_grad=False: %s", len(est.frozen), est.frozen)
+    model = est.model
+    was_training = {m: m.training for m in model.modules()}
+    if eval_mode:
+        model.eval()
+    try:
+        from tqdm.auto import tqdm
+
+        total = len(data) if hasattr(data, "__len__") else None
+        bar = tqdm(
+            data, total=total, desc=f"MAS {est.mode}/{est.estimator}", disable=None if progress else True, leave=False
+        )
+        for i, batch in enumerate(bar):
+            if i < start:
+                continue
+            if max_batches is not None and i >= max_batches:
+                break
+            est.update(batch)
+            if on_batch is not None:
+                on_batch(est)
+    finally:
+        for m, training in was_training.items():
+            m.training = training
+        reshard(model)  # FSDP2 keeps the root unsharded after a forward without backward
+    if est.batches == 0 and not allow_empty:
+        raise ImportanceError("data yielded no batches; importance needs at least one")
+    return est
+
+
+def compute_importance(
+    model: nn.Module,
+    data: Iterable[Any],
+    mode: str = "global",
+    estimator: str | None = None,
+    output_fn: Callable[[Any], Tensor] | None = None,
+    backend: str = "auto",
+    *,
+    eval_mode: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = True,
+    max_batches: int | None = None,
+    sync: bool | None = None,
+    process_group: Any = None,
+    activation: Activation = None,
+    precision: str = "accurate",
+) -> dict[str, Tensor]:
+    """Estimate MAS importance Ω for every trainable parameter of ``model``.
+
+    Args:
+        model: any ``nn.Module`` (a DDP wrapper is looked through).
+        data: an iterable of batches: a Tensor (``model(x)``), a tuple/list (the first
+            element is the input; labels are never used) or a dict (``model(**batch)``).
+        mode: ``"global"`` (gradients of the squared output norm) or ``"local"``
+            (each module judged by its own output).
+        estimator: ``"sample"`` (paper-exact, per-sample; global default),
+            ``"batch"`` (per batch, as the official code and Avalanche), ``"hebbian"`` (local default).
+        output_fn: picks the output tensor from what the model returns (default:
+            the tensor, its ``.logits``, or a tuple's first element).
+        backend: ``"auto" | "torch" | "triton" | "ext"`` for the fused ops.
+        eval_mode: run in ``eval()`` (default) and restore every module's mode afterwards.
+        chunk_bytes: memory bound for the per-sample work of one module call.
+        progress: show a progress bar (tqdm; hidden when stderr is not a terminal).
+        max_batches: stop after this many batches.
+        sync: under ``torch.distributed`` each rank passes its own share of the data and
+            the statistics are all-reduced, so every rank returns the Ω of all the data.
+            ``None`` (default): sync when a process group with more than one rank is
+            initialised; ``False``: this rank's data only; ``True``: require a group.
+        process_group: the group to sync over (default: the world).
+        activation: local mode only: judge Linear/Conv layers by ``act(y)`` instead of
+            their pre-activation output ``y`` (one callable for all such layers, or a
+            mapping from module names/glob patterns to callables).
+        precision: operand precision of the fused GEMMs on GPUs: ``"accurate"``, ``"exact"``
+            or ``"fast"`` (``docs/math.md``). CPU backends are always exact.
+
+    Returns:
+        ``{parameter name: Ω}``, float32, detached, on each parameter's device. Parameters
+        with ``requires_grad=False`` are left out (and logged). The definitions are in
+        ``docs/math.md``.
+    """
+    config = ImportanceConfig(
+        mode=mode,
+        estimator=estimator,
+        output_fn=output_fn,
+        backend=backend,
+        chunk_bytes=chunk_bytes,
+        activation=activation,
+        precision=precision,
+        eval_mode=eval_mode,
+        progress=progress,
+        sync=sync,
+        process_group=process_group,
+    )
+    group = resolve_group(config.sync, config.process_group)
+    est = make_estimator(model, config, group)
+    run_pass(est, data, max_batches=max_batches, allow_empty=group is not None)
+    if group is not None:
+        sync_statistics(est.stats, group)
+    return est.result()

@@ -1,0 +1,198 @@
+"""Which module call computes the importance of which parameter.
+
+Each trainable parameter gets its per-sample gradients from exactly one place,
+found by *where it is read* (``docs/math.md``, "Where each parameter is computed"):
+
+1. If every read of the parameter happens directly inside the forward of a module
+   that registers it (a Linear's weight inside that Linear; a tied weight inside each
+   of the modules that share it), those modules' rules compute it, and per-sample
+   gradients of several calls are summed before the absolute value.
+2. Otherwise (a weight read outside its module, ``nn.MultiheadAttention`` reading its
+   ``out_proj``, a parametrization), the generic rule computes it at the smallest
+   enclosing module that holds all its reads and whose calls carry the batch.
+3. If there is none (a read outside any module call of the model, e.g. in
+   ``output_fn``), the parameter has no exact per-sample method; per-sample
+   estimators then stop with an :class:`~mas_local.errors.ImportanceError` naming it.
+
+Reads are observed once, on the first batch of a pass, by a ``TorchFunctionMode``
+that records which parameters enter a differentiable op while which module calls
+are active. Parameters never read then are assigned to the modules that register
+them (rule 1), for modules that only run on later batches (e.g. MoE experts).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .layouts import input_dims, is_sequence_first
+from .rules import GENERIC, Rule, rule_for
+
+# Functions that read a tensor's metadata or cut it from the graph: not a use of its values.
+_NOT_A_USE = frozenset(
+    "__get__ __set__ size dim numel stride is_contiguous detach data_ptr element_size nelement "
+    "is_floating_point get_device __len__ __hash__ storage_offset untyped_storage is_complex ndimension "
+    "__format__ __repr__ requires_grad_ __reduce_ex__ __deepcopy__".split()
+)
+
+
+@dataclass
+class SitePlan:
+    """One module whose calls are captured, and which rule computes which of the parameters."""
+
+    module: nn.Module
+    groups: list[tuple[Rule, dict[str, nn.Parameter]]] = field(default_factory=list)
+
+    def add(self, rule: Rule, local_name: str, param: nn.Parameter) -> None:
+        for r, params in self.groups:
+            if r is rule:
+                params[local_name] = param
+                return
+        self.groups.append((rule, {local_name: param}))
+
+
+@dataclass
+class Plan:
+    sites: dict[int, SitePlan] = field(default_factory=dict)  # id(module) -> plan
+    unreachable: dict[str, str] = field(default_factory=dict)  # parameter name -> why
+    probed: bool = False
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [s.module for s in self.sites.values()]
+
+    def assign(self, module: nn.Module, rule: Rule, local_name: str, param: nn.Parameter) -> None:
+        self.sites.setdefault(id(module), SitePlan(module)).add(rule, local_name, param)
+
+    def computed_params(self) -> set[int]:
+        return {id(p) for s in self.sites.values() for _, ps in s.groups for p in ps.values()}
+
+
+def _local_name(module: nn.Module, p: Tensor) -> str | None:
+    for k, v in module._parameters.items():
+        if v is p:
+            return k
+    return None
+
+
+def _relative_name(module: nn.Module, p: Tensor) -> str | None:
+    for k, v in module.named_parameters(remove_duplicate=False):
+        if v is p:
+            return k
+    return None
+
+
+def _assign_to_registrants(plan: Plan, registrants: list[nn.Module], p: nn.Parameter) -> None:
+    for m in registrants:
+        local = _local_name(m, p)
+        rule = rule_for(m)
+        plan.assign(m, rule if rule.handles(local) else GENERIC, local, p)
+
+
+def _minimal_registrants(model: nn.Module, p: Tensor) -> list[nn.Module]:
+    """Modules registering ``p`` directly, without those that contain another (an alias on a parent)."""
+    regs = [m for m in model.modules() if _local_name(m, p) is not None]
+    inner = {id(m): {id(c) for c in m.modules() if c is not m} for m in regs}
+    return [m for m in regs if not any(id(o) in inner[id(m)] for o in regs if o is not m)]
+
+
+def registration_plan(model: nn.Module, params: dict[str, nn.Parameter]) -> Plan:
+    """Every parameter at the modules that register it (used without a usage probe, e.g. for FSDP2)."""
+    plan = Plan()
+    for p in params.values():
+        _assign_to_registrants(plan, _minimal_registrants(model, p), p)
+    return plan
+
+
+class UsageProbe(TorchFunctionMode):
+    """Records, for each parameter, the stack of module calls active at each differentiable read."""
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], n: int) -> None:
+        super().__init__()
+        self.model, self.n = model, n
+        self.names = {id(p): name for name, p in params.items()}
+        self.stack: list[nn.Module] = []
+        self.reads: dict[str, list[tuple[nn.Module, ...]]] = defaultdict(list)
+        self.unbatched_calls: set[int] = set()  # modules with a call that had no batched input
+        self._seq_first = 0
+        self._handles: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") in _NOT_A_USE:
+            return out
+        hits = [self.names[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.names]
+        if hits and (
+            not torch.is_grad_enabled() or any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(out)[0])
+        ):
+            frames = tuple(self.stack)
+            for name in hits:
+                self.reads[name].append(frames)
+        return out
+
+    def _push(self, module, args, kwargs):
+        dims = input_dims(module, args, kwargs, self.n, self._seq_first > 0)
+        if all(d is None for d in dims):
+            self.unbatched_calls.add(id(module))
+        self.stack.append(module)
+        if is_sequence_first(module):
+            self._seq_first += 1
+
+    def _pop(self, module, args, kwargs, output):
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+        if is_sequence_first(module):
+            self._seq_first -= 1
+
+    def __enter__(self) -> Any:
+        for m in self.model.modules():
+            self._handles.append(m.register_forward_pre_hook(self._push, with_kwargs=True))
+            self._handles.append(m.register_forward_hook(self._pop, with_kwargs=True, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def plan(self, params: dict[str, nn.Parameter]) -> Plan:
+        plan = Plan(probed=True)
+        for name, p in params.items():
+            stacks = self.reads.get(name)
+            if not stacks:
+                _assign_to_registrants(plan, _minimal_registrants(self.model, p), p)
+                continue
+            inner = [s[-1] if s else None for s in stacks]
+            if all(m is not None and _local_name(m, p) is not None for m in inner):
+                _assign_to_registrants(plan, list({id(m): m for m in inner}.values()), p)
+                continue
+            site = self._enclosing(stacks)
+            if site is None:
+                plan.unreachable[name] = (
+                    f"{name!r} is read outside any module call of the model that carries the batch (for example "
+                    "in output_fn, or in a module called without batched inputs)"
+                )
+                continue
+            plan.assign(site, GENERIC, _relative_name(site, p), p)
+        return plan
+
+    def _enclosing(self, stacks: list[tuple[nn.Module, ...]]) -> nn.Module | None:
+        """The deepest module on every stack whose calls all carry the batch."""
+        common: list[nn.Module] = []
+        for frames in zip(*stacks):
+            if all(f is frames[0] for f in frames):
+                common.append(frames[0])
+            else:
+                break
+        for m in reversed(common):
+            if id(m) not in self.unbatched_calls:
+                return m
+        return None

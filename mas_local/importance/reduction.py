@@ -1,0 +1,101 @@
+"""From the captured calls of one batch to sums and counts, per estimator (``docs/math.md``).
+
+``sample``: a parameter computed at one call goes through its rule's fused path
+(``add_sample_abs``); one computed at several calls (tied weights, a layer called
+twice, a weight read by two modules) gets its per-sample gradients summed over the
+calls before the absolute value, in batch chunks. Counts: samples.
+
+``batch``: the signed batch gradient Σ_k g_k summed over all calls, then |·| / b_B.
+Counts: batches, so Ω = (1/#B) Σ_B |g_B| / b_B, what the official code and Avalanche compute.
+
+``hebbian``: every call is its own set of co-activation events (Linear/Conv rules);
+other modules use the per-call ``sample`` statistic and count samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from .capture import Site
+from .plan import Plan
+
+
+def _has_delta(site: Site) -> bool:
+    return any(d is not None for d in site.deltas)
+
+
+def reduce_sites(acc: Any, sites: list[Site], plan: Plan) -> None:
+    n = acc.batch_samples
+    estimator = acc.estimator
+    calls: dict[int, int] = {}
+    for s in sites:
+        for _, params in plan.sites[id(s.module)].groups:
+            for p in params.values():
+                calls[id(p)] = calls.get(id(p), 0) + 1
+                acc.stats.seen.add(acc.names[id(p)])
+    if estimator == "batch":
+        _reduce_batch(acc, sites, plan, n)
+    elif estimator == "hebbian":
+        _reduce_hebbian(acc, sites, plan, n)
+    else:
+        _reduce_sample(acc, sites, plan, n, {pid for pid, k in calls.items() if k > 1})
+
+
+def _reduce_batch(acc: Any, sites: list[Site], plan: Plan, n: int) -> None:
+    signed: dict[int, tuple[Any, Tensor]] = {}
+    for s in sites:
+        if not _has_delta(s):
+            continue
+        for rule, params in plan.sites[id(s.module)].groups:
+            for name, g in rule.batch_grads(acc, s, params).items():
+                p = params[name]
+                signed[id(p)] = (p, g if id(p) not in signed else signed[id(p)][1] + g)
+    for p, g in signed.values():
+        acc.add_sum(p, g.abs() / n)
+    acc.stats.count_all(1)
+
+
+def _reduce_hebbian(acc: Any, sites: list[Site], plan: Plan, n: int) -> None:
+    for s in sites:
+        for rule, params in plan.sites[id(s.module)].groups:
+            if rule.hebbian:
+                rule.add_hebbian(acc, s, params)
+                continue
+            if _has_delta(s):
+                rule.add_sample_abs(acc, s, params)
+            for p in params.values():
+                acc.add_count(p, n)
+
+
+def _reduce_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[int]) -> None:
+    for s in sites:
+        if not _has_delta(s):
+            continue
+        for rule, params in plan.sites[id(s.module)].groups:
+            own = {k: p for k, p in params.items() if id(p) not in shared}
+            if own:
+                rule.add_sample_abs(acc, s, own)
+    if shared:
+        _shared_sample(acc, sites, plan, n, shared)
+    acc.stats.count_all(n)
+
+
+def _shared_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[int]) -> None:
+    """Per-sample gradients of parameters computed at several calls, summed over the calls, then |·|."""
+    numel = sum(acc.params[acc.names[pid]].numel() for pid in shared)
+    for rows in acc.chunks(n, bytes_per_sample=8 * numel):
+        total: dict[int, tuple[Any, Tensor]] = {}
+        for s in sites:
+            if not _has_delta(s):
+                continue
+            for rule, params in plan.sites[id(s.module)].groups:
+                mine = {k: p for k, p in params.items() if id(p) in shared}
+                if not mine:
+                    continue
+                for name, g in rule.per_sample_grads(acc, s, mine, rows).items():
+                    p = mine[name]
+                    total[id(p)] = (p, g if id(p) not in total else total[id(p)][1] + g)
+        for p, g in total.values():
+            acc.add_sum(p, g.abs().sum(0))

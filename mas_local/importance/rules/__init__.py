@@ -1,0 +1,92 @@
+"""The open registry of per-layer importance rules.
+
+A rule serves a module only when the module runs the ``forward`` the rule was
+written for: its registered type, or a subclass that overrides none of the methods
+the rule relies on (``Rule.relies_on``, ``("forward",)`` by default). Every other
+module — a subclass with its own ``forward``, a type nobody registered — takes the
+generic rule, which re-runs the module's own forward per sample (exact, slower).
+The built-in rules are registered below exactly as users register theirs with
+:func:`register_rule`; ``docs/rules.md`` documents the interface with an example.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...layers import MASConv2d, MASLinear
+from .base import Rule
+from .conv import ConvRule
+from .embedding import EmbeddingRule
+from .generic import GenericRule, mixes_samples
+from .linear import LinearRule
+
+GENERIC = GenericRule()
+_REGISTRY: dict[type, Rule] = {}
+
+
+def register_rule(module_type: type, rule: Rule) -> None:
+    """Use ``rule`` for modules of ``module_type`` (and subclasses that keep the methods it relies on).
+
+    Registering a type again replaces its rule. Subclasses of a registered type that
+    are registered themselves take their own rule.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not isinstance(rule, Rule):
+        raise TypeError(f"rule must be an instance of mas_local.importance.Rule, got {type(rule).__name__}")
+    if type(rule).per_sample_grads is Rule.per_sample_grads:
+        raise TypeError(f"{type(rule).__name__} must implement per_sample_grads (see docs/rules.md)")
+    if rule.hebbian and type(rule).add_hebbian is Rule.add_hebbian:
+        raise TypeError(f"{type(rule).__name__} sets hebbian=True but does not implement add_hebbian")
+    for name in rule.relies_on:
+        if not hasattr(module_type, name):
+            raise TypeError(f"{module_type.__name__} has no method {name!r} listed in {type(rule).__name__}.relies_on")
+    _REGISTRY[module_type] = rule
+
+
+def unregister_rule(module_type: type) -> None:
+    """Remove a registered rule (modules of that type then take the generic rule)."""
+    _REGISTRY.pop(module_type, None)
+
+
+def rule_for(module: nn.Module) -> Rule:
+    """The rule for ``module``: the nearest registered type in its MRO, if the module still runs its forward."""
+    cls = type(module)
+    for base in cls.__mro__:
+        rule = _REGISTRY.get(base)
+        if rule is None:
+            continue
+        if all(getattr(cls, name, None) is getattr(base, name, None) for name in rule.relies_on):
+            return rule
+        return GENERIC
+    return GENERIC
+
+
+def registered_rules() -> dict[type, Rule]:
+    return dict(_REGISTRY)
+
+
+_LINEAR, _CONV, _EMBEDDING = LinearRule(), ConvRule(), EmbeddingRule()
+for _type, _rule in (
+    (nn.Linear, _LINEAR),
+    (MASLinear, _LINEAR),
+    (nn.Conv1d, _CONV),
+    (nn.Conv2d, _CONV),
+    (MASConv2d, _CONV),
+    (nn.Embedding, _EMBEDDING),
+):
+    register_rule(_type, _rule)
+
+__all__ = [
+    "GENERIC",
+    "ConvRule",
+    "EmbeddingRule",
+    "GenericRule",
+    "LinearRule",
+    "Rule",
+    "mixes_samples",
+    "register_rule",
+    "registered_rules",
+    "rule_for",
+    "unregister_rule",
+]

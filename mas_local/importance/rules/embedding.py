@@ -1,0 +1,72 @@
+"""``nn.Embedding``: a sample's gradient touches only the rows of its own tokens (never ``[B, vocab, dim]``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...errors import ImportanceError
+from .base import Rule
+
+
+class EmbeddingRule(Rule):
+    param_names = ("weight",)
+
+    @staticmethod
+    def _flat(acc, site) -> tuple[Tensor, Tensor, Tensor]:
+        """Token rows, their Δ rows and their sample index, padding tokens left out."""
+        idx = site.x
+        if idx.dim() == 0:
+            raise ImportanceError("nn.Embedding got a 0-d index; importance needs a batch dimension")
+        n = acc.batch_samples
+        idx = site.batch_first(idx, site.x_dim).reshape(n, -1)
+        d = site.batch_first(site.delta, site.out_dims[0]).reshape(n, idx.shape[1], -1).float()
+        sample = torch.arange(n, device=idx.device).unsqueeze(1).expand_as(idx)
+        m = site.module
+        keep = torch.ones_like(idx, dtype=torch.bool) if m.padding_idx is None else idx != m.padding_idx
+        return idx[keep], d[keep], sample[keep]
+
+    @staticmethod
+    def _segments(site, rows: Tensor, d: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Sum Δ over equal (group, row) pairs; returns (keys, row of each segment, segment sums)."""
+        m = site.module
+        keys = group * m.num_embeddings + rows
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        seg = torch.zeros(uniq.numel(), d.shape[1], device=d.device, dtype=torch.float32)
+        seg.index_add_(0, inv, d)
+        if m.scale_grad_by_freq:
+            counts = torch.bincount(inv, minlength=uniq.numel()).to(seg.dtype)
+            seg /= counts.unsqueeze(1)
+        return uniq, uniq % m.num_embeddings, seg
+
+    def add_sample_abs(self, acc, site, params):
+        if "weight" not in params:
+            return
+        rows, d, sample = self._flat(acc, site)
+        _, uniq_rows, seg = self._segments(site, rows, d, sample)
+        acc.sum_of(params["weight"]).index_add_(0, uniq_rows, seg.abs())
+
+    def batch_grads(self, acc, site, params):
+        if "weight" not in params:
+            return {}
+        w, m = params["weight"], site.module
+        rows = site.x.reshape(-1)
+        d = site.delta.reshape(rows.shape[0], -1).float()
+        if m.padding_idx is not None:
+            keep = rows != m.padding_idx
+            rows, d = rows[keep], d[keep]
+        _, uniq_rows, seg = self._segments(site, rows, d, torch.zeros_like(rows))
+        g = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        g.index_add_(0, uniq_rows, seg)
+        return {"weight": g}
+
+    def per_sample_grads(self, acc, site, params, rows):
+        if "weight" not in params:
+            return {}
+        w = params["weight"]
+        tok, d, sample = self._flat(acc, site)
+        sel = (sample >= rows.start) & (sample < rows.stop)
+        keys, _, seg = self._segments(site, tok[sel], d[sel], sample[sel] - rows.start)
+        g = torch.zeros(rows.stop - rows.start, *w.shape, dtype=torch.float32, device=w.device)
+        g.view(-1, w.shape[1]).index_add_(0, keys, seg)
+        return {"weight": g}

@@ -1,0 +1,125 @@
+"""Any module: per-sample vector-Jacobian products of its own forward, through ``torch.func``.
+
+For each sample k the module is re-run on that sample alone (``vmap`` over the batch
+dimension of every batched input, :mod:`..layouts`) and ``torch.func.grad`` gives
+∂⟨y_k, Δ_k⟩/∂θ for the requested parameters; the names may reach into children
+(``out_proj.weight``, ``parametrizations.weight.original0``). When ``vmap`` cannot run
+the module (data-dependent control flow), a per-sample loop computes the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ...distributed.fsdp import without_fsdp_hooks
+from ...errors import ImportanceError
+from ..batches import tensor_leaves
+from .base import Rule
+
+
+def mixes_samples(module: nn.Module) -> bool:
+    """BatchNorm normalises with batch statistics in train mode (and always without running stats)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None)
+
+
+class GenericRule(Rule):
+    param_names = None
+    reruns_module = True
+
+    def check(self, acc, site, per_sample):
+        if not per_sample:
+            return
+        name = type(site.module).__name__
+        if mixes_samples(site.module):
+            raise ImportanceError(
+                f"{name} in train mode mixes the samples of a batch, so per-sample importance is undefined; "
+                "call model.eval() (the default eval_mode=True does) or use estimator='batch'"
+            )
+        if all(d is None for d in site.in_dims):
+            raise ImportanceError(
+                f"module {name} has no input with the batch dimension ({acc.batch_samples} samples); per-sample "
+                "importance cannot separate its samples (use estimator='batch')"
+            )
+        for i, d in enumerate(site.deltas):
+            if d is not None and site.out_dims[i] is None:
+                raise ImportanceError(
+                    f"module {name} returns a tensor of shape {tuple(site.outputs[i].shape)} without the batch "
+                    "dimension that the output depends on; per-sample importance cannot split it "
+                    "(use estimator='batch')"
+                )
+
+    def per_sample_grads(self, acc, site, params, rows):
+        leaves, spec = tree_flatten((site.args, site.kwargs))
+        dims = site.in_dims
+        live = [i for i, d in enumerate(site.deltas) if d is not None]
+        out_dims = [site.out_dims[i] for i in live]
+        values = {k: (site.live[k] if site.live and k in site.live else p).detach() for k, p in params.items()}
+        module, values = without_fsdp_hooks(site.module, values)
+        names = list(params)
+        count = rows.stop - rows.start
+
+        def loss_of_sample(values, sample_leaves, sample_deltas):
+            full = list(leaves)
+            it = iter(sample_leaves)
+            for i, dim in enumerate(dims):
+                if dim is not None:
+                    full[i] = next(it).unsqueeze(dim)
+            args, kwargs = tree_unflatten(full, spec)
+            outs = tensor_leaves(torch.func.functional_call(module, values, args, kwargs))
+            return sum(
+                (outs[i].float() * d.unsqueeze(od).float()).sum() for i, d, od in zip(live, sample_deltas, out_dims)
+            )
+
+        sample_leaves = [leaves[i].narrow(dim, rows.start, count) for i, dim in enumerate(dims) if dim is not None]
+        sample_dims = [dim for dim in dims if dim is not None]
+        sample_deltas = [site.deltas[i].narrow(od, rows.start, count) for i, od in zip(live, out_dims)]
+        grad_fn = torch.func.grad(loss_of_sample)
+        with acc.recomputing():
+            try:
+                g = torch.func.vmap(grad_fn, in_dims=(None, sample_dims, out_dims), randomness="same")(
+                    values, sample_leaves, sample_deltas
+                )
+            except Exception as exc:  # data-dependent control flow etc.: a per-sample loop, same maths
+                acc.notice_once(
+                    ("vmap", type(site.module)),
+                    "torch.func.vmap failed for %s (%s); using a per-sample loop for it",
+                    type(site.module).__name__,
+                    exc,
+                )
+                per = [
+                    grad_fn(
+                        values,
+                        [t.select(dim, k) for t, dim in zip(sample_leaves, sample_dims)],
+                        [d.select(od, k) for d, od in zip(sample_deltas, out_dims)],
+                    )
+                    for k in range(count)
+                ]
+                g = {k: torch.stack([p[k] for p in per]) for k in values}
+        keys = list(values)
+        return {name: g[key].float() for name, key in zip(names, keys)}
+
+    def batch_grads(self, acc, site, params):
+        """Σ_k g_k by one re-run of the module on the whole batch (no per-sample split needed).
+
+        Buffers are passed as copies, so a module in train mode (BatchNorm) does not update
+        its running statistics a second time.
+        """
+        live = [i for i, d in enumerate(site.deltas) if d is not None]
+        values = {k: (site.live[k] if site.live and k in site.live else p).detach() for k, p in params.items()}
+        names = list(params)
+        buffers = {k: b.clone() for k, b in site.module.named_buffers()}
+        with torch.enable_grad(), acc.recomputing():
+            leaves = [v.requires_grad_(True) for v in values.values()]
+            module, call_values = without_fsdp_hooks(site.module, {**values, **buffers})
+            outs = tensor_leaves(torch.func.functional_call(module, call_values, site.args, site.kwargs))
+            loss = sum((outs[i].float() * site.deltas[i].float()).sum() for i in live)
+            if isinstance(loss, Tensor) and loss.requires_grad:
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            else:
+                grads = [None] * len(leaves)
+        return {
+            name: (torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None else g.float())
+            for name, p, g in zip(names, params.values(), grads)
+        }

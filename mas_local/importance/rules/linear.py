@@ -1,0 +1,73 @@
+"""``nn.Linear`` (and ``MASLinear``): y = x Wᵀ + b over any number of leading dimensions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ... import ops
+from .base import Rule
+
+
+class LinearRule(Rule):
+    param_names = ("weight", "bias")
+    hebbian = True
+
+    @staticmethod
+    def _rows(acc, site) -> tuple[Tensor, Tensor]:
+        """Input and Δ as ``[n, positions, features]``."""
+        x, d = site.x, site.delta
+        if x.dim() == 1:  # an unbatched call in a one-sample batch: one position
+            x, d = x.unsqueeze(0), d.unsqueeze(0)
+        else:
+            x, d = site.batch_first(x, site.x_dim), site.batch_first(d, site.out_dims[0])
+        return x.reshape(acc.batch_samples, -1, x.shape[-1]), d.reshape(acc.batch_samples, -1, d.shape[-1])
+
+    def add_sample_abs(self, acc, site, params):
+        x, d = self._rows(acc, site)
+        w, b = params.get("weight"), params.get("bias")
+        if w is not None:
+            if x.shape[1] == 1:  # one position per sample: Σ_k|Δ_k x_kᵀ| = |Δ|ᵀ|X| (each term is rank 1)
+                ops.abs_gemm_acc_(acc.sum_of(w), d[:, 0], x[:, 0], 1.0, acc.backend, acc.precision)
+            else:
+                out_f, in_f = d.shape[-1], x.shape[-1]
+                per_sample = 4 * (out_f * in_f + x[0].numel() + d[0].numel())
+                for rows in acc.chunks(x.shape[0], bytes_per_sample=per_sample):
+                    ops.per_sample_abs_acc_(acc.sum_of(w), d[rows], x[rows], 1.0, acc.backend)
+        if b is not None:
+            acc.add_sum(b, d.float().sum(1).abs().sum(0))
+
+    def batch_grads(self, acc, site, params):
+        # summed over every position of the batch: the layout does not matter
+        x2 = site.x.reshape(-1, site.x.shape[-1]).float()
+        d2 = site.delta.reshape(-1, site.delta.shape[-1]).float()
+        out = {}
+        if "weight" in params:
+            out["weight"] = d2.t() @ x2
+        if "bias" in params:
+            out["bias"] = d2.sum(0)
+        return out
+
+    def add_hebbian(self, acc, site, params):
+        # every position is one event, so the layout of the batch does not matter here
+        y = site.judged_output
+        x2 = site.x.reshape(-1, site.x.shape[-1])
+        y2 = y.reshape(-1, y.shape[-1])
+        if "weight" in params:
+            w = params["weight"]
+            ops.abs_gemm_acc_(acc.sum_of(w), y2, x2, 1.0, acc.backend, acc.precision)
+            acc.add_count(w, x2.shape[0])
+        if "bias" in params:
+            b = params["bias"]
+            acc.add_sum(b, y2.float().abs().sum(0))
+            acc.add_count(b, x2.shape[0])
+
+    def per_sample_grads(self, acc, site, params, rows):
+        x, d = self._rows(acc, site)
+        x, d = x[rows].float(), d[rows].float()
+        out = {}
+        if "weight" in params:
+            out["weight"] = torch.einsum("bto,bti->boi", d, x)
+        if "bias" in params:
+            out["bias"] = d.sum(1)
+        return out

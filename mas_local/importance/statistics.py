@@ -1,0 +1,135 @@
+"""The sufficient statistics of an importance pass: a float32 sum and a count per parameter.
+
+Ω = sum / count. What is summed and counted depends on the estimator
+(``docs/math.md``): ``sample`` adds Σ_k |g_k| and counts samples; ``batch`` adds
+|g_B| / b_B and counts batches; ``hebbian`` adds |y|·|x| sums and counts events.
+Sums and counts add up across batches, processes and resumed passes, which is what
+lets :mod:`mas_local.distributed` all-reduce them and checkpoints resume them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ImportanceError
+
+log = logging.getLogger("mas_local")
+
+CHECKPOINT_VERSION = 2  # 2: batch estimator sums |g_B|/b_B and counts batches
+
+
+class Statistics:
+    """Sums and counts keyed by parameter name, plus samples and batches seen."""
+
+    def __init__(self, params: dict[str, nn.Parameter], fingerprint: dict[str, Any]) -> None:
+        self.params = params
+        self.names = {id(p): name for name, p in params.items()}
+        self.fingerprint = fingerprint
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {name: 0 for name in params}
+        self.seen: set[str] = set()  # parameters some module call reported
+        self.samples = 0
+        self.batches = 0
+
+    def sum_shape(self, p: Tensor) -> torch.Size:
+        """Shape of the sum kept for ``p`` (a subclass may keep only a shard)."""
+        return p.shape
+
+    def sum_of(self, p: Tensor) -> Tensor:
+        name = self.names[id(p)]
+        s = self.sums.get(name)
+        if s is None:
+            s = self.sums[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return s
+
+    def add_sum(self, p: Tensor, value: Tensor) -> None:
+        self.sum_of(p).add_(value.to(torch.float32))
+
+    def add_count(self, p: Tensor, count: int) -> None:
+        self.counts[self.names[id(p)]] += int(count)
+
+    def count_all(self, count: int) -> None:
+        """Every parameter's count grows by ``count`` (samples or batches: all share the denominator)."""
+        for name in self.params:
+            self.counts[name] += int(count)
+
+    def flush(self) -> None:
+        """Hook for subclasses holding pending contributions (FSDP2 shards)."""
+
+    # -- checkpoints --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors, ints and strings only: loads with ``torch.load(weights_only=True)``."""
+        self.flush()
+        return {
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": self.fingerprint,
+            "sums": {k: v.detach().cpu().clone() for k, v in self.sums.items()},
+            "counts": dict(self.counts),
+            "seen": sorted(self.seen),
+            "samples": int(self.samples),
+            "batches": int(self.batches),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; refuses a state from another model or other settings."""
+        if not isinstance(state, Mapping) or "fingerprint" not in state or "sums" not in state:
+            raise ValueError("not an importance-pass checkpoint (missing 'fingerprint'/'sums')")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"unsupported checkpoint version {state.get('version')!r}; expected {CHECKPOINT_VERSION}")
+        want, got = self.fingerprint, state["fingerprint"]
+        for key in ("mode", "estimator"):
+            if got.get(key) != want[key]:
+                raise ValueError(f"checkpoint was made with {key}={got.get(key)!r}, this pass uses {want[key]!r}")
+        if [list(x) for x in got.get("params", [])] != want["params"]:
+            theirs = {x[0]: x for x in got.get("params", [])}
+            diff = [x for x in want["params"] if theirs.get(x[0]) != x]
+            extra = sorted(set(theirs) - set(self.params))
+            raise ValueError(
+                "checkpoint is from another model: parameters differ in name, shape or dtype "
+                f"(first mismatches: {diff[:3]}, unknown names: {extra[:3]})"
+            )
+        sums = {}
+        for name, t in state["sums"].items():
+            p = self.params.get(name)
+            shape = tuple(self.sum_shape(p)) if p is not None else None
+            if p is None or not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32:
+                raise ValueError(f"checkpoint sums for {name!r} do not match the parameter")
+            sums[name] = t.to(p.device).clone()
+        counts = state["counts"]
+        if set(counts) != set(self.params):
+            raise ValueError("checkpoint counts do not match the parameters")
+        self.sums = sums
+        self.counts = {k: int(counts[k]) for k in self.params}
+        self.seen = set(state.get("seen", []))
+        self.samples = int(state["samples"])
+        self.batches = int(state["batches"])
+
+    # -- result -------------------------------------------------------------------
+    def result(self, covers_all: bool = False) -> dict[str, Tensor]:
+        """Ω per parameter name (float32, detached). Raises if any value is not finite.
+
+        ``covers_all``: every parameter was computed (global batch through autograd), so none
+        is reported as never run.
+        """
+        self.flush()
+        if self.batches == 0:
+            raise ImportanceError("data yielded no batches; importance needs at least one")
+        out = {}
+        for name, p in self.params.items():
+            s = self.sums.get(name)
+            if s is None:
+                s = torch.zeros(self.sum_shape(p), dtype=torch.float32, device=p.device)
+            c = self.counts[name]
+            omega = (s / c if c > 0 else s.clone()).detach()
+            if not torch.isfinite(omega).all():
+                raise ImportanceError(f"importance of parameter {name!r} has NaN or Inf values")
+            out[name] = omega
+        missing = [] if covers_all else [name for name in self.params if name not in self.seen]
+        if missing:
+            log.warning("mas_local: these parameters' modules never ran, their importance is 0: %s", missing)
+        return out
