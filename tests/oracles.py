@@ -1,6 +1,6 @@
 """Brute-force oracles: Python loops over single samples with torch.autograd.grad.
 
-They share no code with mas_local.importance: each definition of DESIGN.md §1
+They share no code with mas_local.importance: each definition of docs/math.md
 is written out literally, one sample (or one batch) at a time.
 """
 
@@ -91,12 +91,14 @@ def global_batch_avalanche(model: nn.Module, batches) -> dict[str, torch.Tensor]
     return {n: v / count for n, v in importance.items()}
 
 
-def _record_calls(model, x):
-    """Run the model once; return [(module, args)] for each call of a module owning parameters."""
+def _record_calls(model, x, extra=()):
+    """Run the model once; return [(module, args, kwargs)] for each call of a module owning parameters
+    (or listed in ``extra``)."""
     calls = []
     hooks = []
+    extra_ids = {id(m) for m in extra}
     for m in model.modules():
-        if any(True for _ in m.parameters(recurse=False)):
+        if any(True for _ in m.parameters(recurse=False)) or id(m) in extra_ids:
             hooks.append(m.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw)), with_kwargs=True))
     try:
         with torch.no_grad():
@@ -112,29 +114,44 @@ def _module_out(mod, args, kwargs):
     return y[0] if isinstance(y, tuple) else y
 
 
-def local(model: nn.Module, batches, estimator: str) -> dict[str, torch.Tensor]:
+def _leading(mod, t, b):
+    return 0 if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == b else None
+
+
+def local(model: nn.Module, batches, estimator: str, judge=None, batch_dim=None) -> dict[str, torch.Tensor]:
     """Local sample/batch: |∂(½‖y‖²)/∂θ| of each module's own output.
 
     ``sample``: (1/N) Σ_k over single samples. ``batch``: (1/#B) Σ_B |g_B| / b_B with g_B
     the gradient of the whole batch. Gradients of a parameter used at several calls are
-    summed over the calls before the absolute value.
+    summed over the calls before the absolute value. ``judge`` maps parameter names to the
+    module whose output judges them, for parameters not read by the module that owns them;
+    ``batch_dim(module, tensor, b)`` says where a module input's batch dimension is.
     """
     named = dict(trainable(model))
     ids = {id(p): n for n, p in named.items()}
+    judge = judge or {}
+    judged_by = {}
+    for n, m in judge.items():
+        judged_by.setdefault(id(m), []).append(named[n])
+    overridden = {id(named[n]) for n in judge}
+    batch_dim = batch_dim or _leading
     acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named.items()}
     total = 0
     for x in batches:
-        calls = _record_calls(model, x)
+        calls = _record_calls(model, x, extra=list(judge.values()))
         b = _size(x)
         groups = [range(k, k + 1) for k in range(b)] if estimator == "sample" else [range(b)]
         for rows in groups:
             g_sum = {}
             for mod, args, kwargs in calls:
-                own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
-                sl = slice(rows.start, rows.stop)
+                own = [p for p in mod.parameters(recurse=False) if p.requires_grad and id(p) not in overridden]
+                own += judged_by.get(id(mod), [])
+                if not own:
+                    continue
 
-                def cut(t, sl=sl, b=b):
-                    return t[sl] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == b else t
+                def cut(t, mod=mod, rows=rows, b=b):
+                    d = batch_dim(mod, t, b)
+                    return t if d is None else t.narrow(d, rows.start, len(rows))
 
                 a = tuple(cut(t) for t in args)
                 kw = {k: cut(v) for k, v in kwargs.items()}

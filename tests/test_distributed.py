@@ -149,7 +149,8 @@ def _worker(rank, port, out_dir):
             mas = ml.MAS(model, lam=0.9, mode=mode, estimator=est, progress=False)
             mas.consolidate(data[rank::WORLD])
             res["fsdp_omega", mode, est] = {k: _full(v) for k, v in mas.importance.items()}
-            res["fsdp_local_numel", mode, est] = sum(ml.distributed.shard_of(v).numel() for v in mas.importance.values())
+            shards = [ml.distributed.shard_of(v) for v in mas.importance.values()]
+            res["fsdp_local_numel", mode, est] = sum(v.numel() for v in shards)
             res["fsdp_anchor_local_numel", mode, est] = sum(
                 ml.distributed.shard_of(v).numel() for v in mas.anchors.values()
             )

@@ -172,7 +172,7 @@ def test_hebbian_conv2d_matches_receptive_field_formula(kwargs, converted):
     if conv.bias is not None:
         events = y.shape[0] * y.shape[2] * y.shape[3]
         torch.testing.assert_close(got["0.bias"].double(), y.abs().sum((0, 2, 3)) / events, rtol=1e-5, atol=1e-7)
-    # and the closed form of DESIGN.md: conv2d_weight(|x|, W.shape, |y|, ...) / R
+    # and the closed form of docs/math.md: conv2d_weight(|x|, W.shape, |y|, ...) / R
     closed = torch.nn.grad.conv2d_weight(
         x.abs(), conv.weight.shape, y.abs(), conv.stride, conv.padding, conv.dilation, conv.groups
     ) / (y.shape[0] * y.shape[2] * y.shape[3])

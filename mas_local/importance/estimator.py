@@ -29,6 +29,7 @@ from ..errors import ImportanceError
 from .activations import resolve_activations
 from .batches import batch_size, call_model, check_batch, default_output_fn
 from .capture import Capture, Site
+from .layouts import is_sequence_first
 from .plan import Plan, UsageProbe, registration_plan
 from .reduction import reduce_sites
 from .statistics import Statistics
@@ -86,6 +87,12 @@ class Estimator:
                 chunk_bytes=chunk_bytes,
                 activation=activation,
                 precision=precision,
+            )
+        if is_sequence_first(model):
+            raise ImportanceError(
+                f"the model ({type(model).__name__}) takes sequence-first [T, B, ...] input (batch_first=False), "
+                "but data batches are batch-first; wrap it so that it takes [B, T, ...] (transpose inside the "
+                "wrapper), or build it with batch_first=True"
             )
         self.config = config
         self.model = model
@@ -261,7 +268,8 @@ class Estimator:
     def _local_deltas(self, sites: list[Site]) -> None:
         for s in sites:
             s.outputs = [t.detach() for t in s.outputs]
-            s.deltas = [t if t.is_floating_point() else None for t in s.outputs]
+            # a module is judged by its output as the model is: the tensor, or a tuple's first element
+            s.deltas = [t if i == 0 and t.is_floating_point() else None for i, t in enumerate(s.outputs)]
             act = self.activation_of.get(id(s.module))
             if act is not None:
                 _apply_activation(s, act)

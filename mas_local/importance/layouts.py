@@ -13,7 +13,7 @@ dimension 0; the torch modules that declare a layout are read by that declaratio
   masks as above, and every module they call (Linear, LayerNorm, ...) along dim 1.
 
 Everything else: a tensor whose leading dimension equals the batch size is batched
-along dim 0; other tensors are shared by the batch. A shape cannot tell ``[T, B, ·]``
+along dim 0; parameters and other tensors are shared by the batch. A shape cannot tell ``[T, B, ·]``
 from ``[B, T, ·]`` when T == B: modules outside these types that run sequence-first
 must be wrapped so that they see batch-first tensors.
 """
@@ -48,7 +48,7 @@ def is_sequence_first(module: nn.Module) -> bool:
 
 
 def _default_dim(t: Any, n: int, seq_first: bool) -> int | None:
-    if not isinstance(t, Tensor) or t.dim() == 0:
+    if not isinstance(t, Tensor) or t.dim() == 0 or isinstance(t, nn.Parameter):  # a parameter is never batched
         return None
     if seq_first:
         return 1 if t.dim() >= 2 and t.shape[1] == n else None
@@ -102,7 +102,15 @@ def input_dims(module: nn.Module, args: tuple, kwargs: dict, n: int, in_seq_firs
         for leaf in tree_flatten(value)[0]:
             by_leaf[id(leaf)] = _declared_dim(module, name, leaf, n)
     for t in leaves:
-        dims.append(by_leaf.get(id(t)) if isinstance(t, Tensor) else None)
+        dim = by_leaf.get(id(t)) if isinstance(t, Tensor) else None
+        if dim is not None and t.shape[dim] != n:
+            layout = "sequence-first (batch_first=False)" if is_sequence_first(module) else "batch-first"
+            raise ImportanceError(
+                f"{type(module).__name__} is {layout}, so its batch is dimension {dim} of its input "
+                f"{tuple(t.shape)}, but the batch has {n} samples. Data batches are batch-first: if the model "
+                "takes [T, B, ...] input, wrap it so that batches are [B, T, ...] (transpose inside the wrapper)"
+            )
+        dims.append(dim)
     return dims
 
 
