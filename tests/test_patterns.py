@@ -247,3 +247,41 @@ def test_three_d_attention_mask_is_refused_for_per_sample_estimators():
         ml.compute_importance(model, [_randn(3, 5, 4, seed=22)], progress=False)
     got = ml.compute_importance(model, [_randn(3, 5, 4, seed=22)], estimator="batch", progress=False)
     assert all(torch.isfinite(v).all() for v in got.values())
+
+
+def _hebbian_expected(model, judge, data):
+    """Linear-rule layers: the Hebbian formula over all their calls' rows; every other parameter: local sample."""
+    want = oracles.local(model, data, "sample", judge=judge, batch_dim=_seq_first_dims)
+    names = {id(p): n for n, p in model.named_parameters()}
+    linears = [m for m in model.modules() if isinstance(rules.rule_for(m), rules.LinearRule)]
+    rows = {id(m): ([], []) for m in linears}
+    def record(mod, args, y):
+        rows[id(mod)][0].append(args[0])
+        rows[id(mod)][1].append(y)
+
+    hooks = [m.register_forward_hook(record) for m in linears]
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    for m in linears:
+        xs, ys = rows[id(m)]
+        if not xs:
+            continue
+        w, b = oracles.hebbian_linear(
+            torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]), torch.cat([t.reshape(-1, t.shape[-1]) for t in ys])
+        )
+        for local_name, value in (("weight", w), ("bias", b)):
+            p = m._parameters.get(local_name)
+            if p is not None:
+                want[names[id(p)]] = value
+    return want
+
+
+@pytest.mark.parametrize("converted", [False, True], ids=["plain", "converted"])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_local_hebbian(name, converted):
+    model, judge, data = build(name, converted)
+    got = ml.compute_importance(model, data, mode="local", progress=False)
+    assert_close(got, _hebbian_expected(model, judge, data))

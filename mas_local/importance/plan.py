@@ -61,7 +61,6 @@ class SitePlan:
 class Plan:
     sites: dict[int, SitePlan] = field(default_factory=dict)  # id(module) -> plan
     unreachable: dict[str, str] = field(default_factory=dict)  # parameter name -> why
-    probed: bool = False
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -69,9 +68,6 @@ class Plan:
 
     def assign(self, module: nn.Module, rule: Rule, local_name: str, param: nn.Parameter) -> None:
         self.sites.setdefault(id(module), SitePlan(module)).add(rule, local_name, param)
-
-    def computed_params(self) -> set[int]:
-        return {id(p) for s in self.sites.values() for _, ps in s.groups for p in ps.values()}
 
 
 def _local_name(module: nn.Module, p: Tensor) -> str | None:
@@ -164,7 +160,7 @@ class UsageProbe(TorchFunctionMode):
         self._handles = []
 
     def plan(self, params: dict[str, nn.Parameter]) -> Plan:
-        plan = Plan(probed=True)
+        plan = Plan()
         for name, p in params.items():
             stacks = self.reads.get(name)
             if not stacks:
