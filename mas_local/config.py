@@ -34,6 +34,10 @@ class ImportanceConfig:
     estimator: ``"sample"``, ``"batch"`` or (local) ``"hebbian"``; ``None`` picks the
         mode's default (``"sample"`` for global, ``"hebbian"`` for local).
     output_fn: picks the measured tensor from what the model returns.
+    forward_fn: ``forward_fn(model, batch)`` runs the model on one batch (default: ``docs/math.md``,
+        "Batches").
+    mask: which positions count: a key of dict batches (default ``"attention_mask"``), a callable
+        ``batch -> bool [B, T]``, or ``None`` (every position).
     backend: ``"auto" | "torch" | "triton" | "ext"`` for the fused ops.
     chunk_bytes: memory bound for the per-sample work of one module call.
     activation: local mode only: judge Linear/Conv layers by ``act(y)``.
@@ -46,6 +50,8 @@ class ImportanceConfig:
     mode: str = "global"
     estimator: str | None = None
     output_fn: Callable[[Any], Tensor] | None = None
+    forward_fn: Callable[[Any, Any], Any] | None = None
+    mask: str | Callable[[Any], Tensor] | None = "attention_mask"
     backend: str = "auto"
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     activation: Activation = None
@@ -73,6 +79,12 @@ class ImportanceConfig:
             raise ValueError(f"chunk_bytes must be a positive int, got {self.chunk_bytes!r}")
         if self.output_fn is not None and not callable(self.output_fn):
             raise TypeError(f"output_fn must be callable, got {type(self.output_fn).__name__}")
+        if self.forward_fn is not None and not callable(self.forward_fn):
+            raise TypeError(
+                f"forward_fn must be callable as forward_fn(model, batch), got {type(self.forward_fn).__name__}"
+            )
+        if self.mask is not None and not isinstance(self.mask, str) and not callable(self.mask):
+            raise TypeError(f"mask must be a key name, a callable batch -> bool [B, T], or None, got {self.mask!r}")
         if self.activation is not None:
             if self.mode != "local":
                 raise ValueError("activation= applies to local MAS only (global MAS measures the model output)")

@@ -84,6 +84,8 @@ def compute_importance(
     mode: str = "global",
     estimator: str | None = None,
     output_fn: Callable[[Any], Tensor] | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    mask: str | Callable[[Any], Tensor] | None = "attention_mask",
     backend: str = "auto",
     *,
     eval_mode: bool = True,
@@ -107,6 +109,12 @@ def compute_importance(
             ``"batch"`` (per batch, as the official code and Avalanche), ``"hebbian"`` (local default).
         output_fn: picks the output tensor from what the model returns (default:
             the tensor, its ``.logits``, or a tuple's first element).
+        forward_fn: ``forward_fn(model, batch)`` runs the model on one batch, replacing the
+            default (a Tensor: ``model(x)``; a dict: ``model(**batch)``; a tuple/list: its first
+            element as one of those, the rest ignored).
+        mask: the positions that count (``docs/math.md``, "Masks"): a key of dict batches
+            (default ``"attention_mask"``, the Hugging Face convention), a callable
+            ``batch -> bool [B, T]``, or ``None`` for every position.
         backend: ``"auto" | "torch" | "triton" | "ext"`` for the fused ops.
         eval_mode: run in ``eval()`` (default) and restore every module's mode afterwards.
         chunk_bytes: memory bound for the per-sample work of one module call.
@@ -132,6 +140,8 @@ def compute_importance(
         mode=mode,
         estimator=estimator,
         output_fn=output_fn,
+        forward_fn=forward_fn,
+        mask=mask,
         backend=backend,
         chunk_bytes=chunk_bytes,
         activation=activation,
