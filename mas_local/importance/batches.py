@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -28,22 +28,30 @@ def default_output_fn(output: Any) -> Tensor:
     raise ImportanceError(f"cannot find the output tensor in a {type(output).__name__}; pass output_fn=... to pick it")
 
 
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """Run the model on one batch: a Tensor, a tuple/list (first element is the input) or a dict of kwargs."""
-    if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ImportanceError("a batch is an empty tuple/list")
-        return model(batch[0])
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    raise ImportanceError(f"a batch must be a Tensor, a tuple/list or a dict, got {type(batch).__name__}")
+def call_model(model: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> Any:
+    """Run the model on one batch (``docs/math.md``, "Batches").
+
+    ``forward_fn(model, batch)`` when given; otherwise a Tensor is ``model(x)``, a dict is
+    ``model(**batch)``, and a tuple/list is its first element as one of those (labels ignored).
+    """
+    if forward_fn is not None:
+        return forward_fn(model, batch)
+    inputs = model_inputs(batch)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, Tensor):
+        return model(inputs)
+    raise ImportanceError(
+        f"a batch must be a Tensor, a dict, or a tuple/list whose first element is one of those, got "
+        f"{type(inputs).__name__}; pass forward_fn=lambda model, batch: ... for other layouts"
+    )
 
 
 def model_inputs(batch: Any) -> Any:
-    """The part of a batch the model sees (labels in a tuple are ignored)."""
+    """The part of a batch the model sees (the rest of a tuple, e.g. labels, is ignored)."""
     if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ImportanceError("a batch is an empty tuple/list")
         return batch[0]
     return batch
 
@@ -54,6 +62,49 @@ def batch_size(batch: Any) -> int:
     if not leaves or leaves[0].dim() == 0:
         raise ImportanceError("a batch must hold a tensor with a leading batch dimension")
     return int(leaves[0].shape[0])
+
+
+def position_mask(mask: str | Callable[[Any], Tensor] | None, batch: Any, n: int) -> Tensor | None:
+    """The positions that count, as bool ``[n, T]`` (``docs/math.md``, "Masks"), or ``None`` for all.
+
+    A key name is looked up in dict batches (a missing ``"attention_mask"``, the default, means
+    no mask; any other missing key is an error); a callable gets the batch.
+    """
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        inputs = model_inputs(batch)
+        value = inputs.get(mask) if isinstance(inputs, Mapping) else None
+        if value is None:
+            if mask == "attention_mask":
+                return None
+            raise ImportanceError(f"mask={mask!r}: the batch has no such key (keys: {_keys(inputs)})")
+        source = f"batch[{mask!r}]"
+    else:
+        value = mask(batch)
+        source = "mask(batch)"
+    if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[0] != n:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ImportanceError(f"{source} must be a [batch={n}, positions] tensor, got {shape}")
+    if value.dtype != torch.bool:
+        if value.is_floating_point() or not ((value == 0) | (value == 1)).all():
+            raise ImportanceError(f"{source} must be boolean or 0/1 integers (1 = a real position)")
+        value = value.bool()
+    return value
+
+
+def _keys(inputs: Any) -> list:
+    return sorted(inputs) if isinstance(inputs, Mapping) else []
+
+
+def sequence_length(batch: Any, mask: Tensor | None) -> int | None:
+    """Positions per sample (T): the mask's second dimension, else that of the first input tensor."""
+    if mask is not None:
+        return int(mask.shape[1])
+    for t in tensor_leaves(model_inputs(batch)):
+        if t.dim() >= 2:
+            return int(t.shape[1])
+    return None
 
 
 def check_batch(model: nn.Module, batch: Any, index: int) -> None:

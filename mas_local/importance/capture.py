@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import ImportanceError
 from ..layers import _TapMixin
 from .batches import tensor_leaves
-from .layouts import input_dims, is_sequence_first, output_dims
+from .layouts import FLAT, BatchDim, input_dims, is_sequence_first, output_dims
 
 
 @dataclass
@@ -30,12 +30,15 @@ class Site:
     args: tuple
     kwargs: dict
     outputs: list[Tensor]  # tensor leaves of the output
-    in_dims: list[int | None]  # batch dim of each leaf of (args, kwargs); None: shared
-    out_dims: list[int | None]  # batch dim of each output leaf
+    in_dims: list[BatchDim]  # batch dim of each leaf of (args, kwargs): an int, FLAT ([B·T, ...]) or None (shared)
+    out_dims: list[BatchDim]  # batch dim of each output leaf
+    n: int  # samples in the batch
     versions: list[int] = field(default_factory=list)
     deltas: list[Tensor | None] = field(default_factory=list)
     live: dict[str, Tensor] | None = None  # parameter values used, when not the registered ones (FSDP2)
     activated: Tensor | None = None  # local mode with a user activation: act(y)
+    row_mask: Tensor | None = None  # local mode with a mask: which rows of x.reshape(-1, x.shape[-1]) count
+    targets: list[Tensor] = field(default_factory=list)  # global mode: what the rest of the model reads (Δ's targets)
 
     @property
     def x(self) -> Tensor:
@@ -43,8 +46,13 @@ class Site:
         return self.args[0]
 
     @property
-    def x_dim(self) -> int | None:
+    def x_dim(self) -> BatchDim:
         return self.in_dims[0] if self.in_dims else None
+
+    @property
+    def batched(self) -> bool:
+        """Whether some input carries the batch (otherwise the call is shared by all samples)."""
+        return any(d is not None for d in self.in_dims)
 
     @property
     def delta(self) -> Tensor | None:
@@ -56,8 +64,13 @@ class Site:
         """The output local hebbian pairs with the input: act(y) if an activation was given, else y."""
         return self.outputs[0] if self.activated is None else self.activated
 
-    def batch_first(self, t: Tensor, dim: int | None) -> Tensor:
-        """``t`` with its batch dimension moved to the front (a view when it already is)."""
+    def batch_first(self, t: Tensor, dim: BatchDim) -> Tensor:
+        """``t`` with its batch dimension moved to the front (a view when it already is).
+
+        Flattened tokens ``[B·T, ...]`` come back as ``[B, T, ...]``.
+        """
+        if dim == FLAT:
+            return t.reshape(self.n, -1, *t.shape[1:])
         if dim is None:
             raise ImportanceError(
                 f"{type(self.module).__name__} got a tensor of shape {tuple(t.shape)} without the batch dimension; "
@@ -72,8 +85,10 @@ class Site:
 class Capture:
     """Context manager: while active, calls of ``modules`` are recorded as :class:`Site` objects.
 
-    ``clone`` records copies of inputs and outputs (the model continues with the copies of
-    the outputs), for models that modify captured tensors in place. ``on_site`` is called
+    ``clone`` records copies of inputs and the model continues with copies of the outputs, for
+    models that modify captured tensors in place. ``alias`` (global mode) hands the rest of the
+    model fresh aliases of the outputs (``site.targets``), so that Δ holds only the gradient that
+    flows back from outside the module. ``on_site`` is called
     with each new site (FSDP2 gathers parameter values there).
     """
 
@@ -83,11 +98,16 @@ class Capture:
         modules: list[nn.Module],
         n: int,
         *,
+        positions: int | None = None,
         clone: bool = False,
+        alias: bool = False,
+        shared_leaves: dict[int, set[int]] | None = None,
         on_site: Callable[[Site], None] | None = None,
     ) -> None:
         self.model, self.modules, self.n = model, modules, n
-        self.clone, self.on_site = clone, on_site
+        self.flat_rows = n * positions if positions is not None and positions > 1 else None
+        self.clone, self.alias, self.on_site = clone, alias, on_site
+        self.shared_leaves = shared_leaves or {}
         self.sites: list[Site] = []
         self.paused = 0  # > 0 while a rule re-runs a module (those calls are not sites)
         self._seq_first = 0
@@ -98,10 +118,18 @@ class Capture:
         if self.paused or id(module) not in self._wanted:
             return output
         leaves, spec = tree_flatten(output)
+        if self.alias:
+            # Δ is taken w.r.t. fresh aliases that only the rest of the model reads: an output computed from
+            # another output inside the module (a router's scores from its logits) must not count twice.
+            targets = [t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
+        else:
+            targets = leaves
         if self.clone:  # keep the originals; the model continues with copies it may modify in place
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
-            output = tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
+            output = tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in targets], spec)
+        elif self.alias:
+            output = tree_unflatten(targets, spec)
         outputs = [t for t in leaves if isinstance(t, Tensor)]
         inner_seq_first = self._seq_first - (1 if is_sequence_first(module) else 0) > 0
         site = Site(
@@ -109,9 +137,14 @@ class Capture:
             args,
             kwargs,
             outputs,
-            input_dims(module, args, kwargs, self.n, inner_seq_first),
-            output_dims(module, outputs, self.n, inner_seq_first),
+            input_dims(module, args, kwargs, self.n, inner_seq_first, self.flat_rows),
+            output_dims(module, outputs, self.n, inner_seq_first, self.flat_rows),
+            self.n,
         )
+        for i in self.shared_leaves.get(id(module), ()):
+            if i < len(site.in_dims):
+                site.in_dims[i] = None
+        site.targets = [t for t in targets if isinstance(t, Tensor)]
         site.versions = [t._version for t in tensor_leaves((args, kwargs)) + outputs]
         if self.on_site is not None:
             self.on_site(site)

@@ -22,14 +22,25 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..config import DEFAULT_CHUNK_BYTES, Activation, ImportanceConfig
 from ..distributed.fsdp import full_params, is_dtensor, reshard
 from ..errors import ImportanceError
 from .activations import resolve_activations
-from .batches import batch_size, call_model, check_batch, default_output_fn
+from .batches import (
+    batch_size,
+    call_model,
+    check_batch,
+    default_output_fn,
+    model_inputs,
+    position_mask,
+    sequence_length,
+    tensor_leaves,
+)
 from .capture import Capture, Site
 from .layouts import is_sequence_first
+from .masks import aligned_mask, masked_squared_norm, row_mask
 from .plan import Plan, UsageProbe, registration_plan
 from .reduction import reduce_sites
 from .statistics import Statistics
@@ -110,6 +121,8 @@ class Estimator:
         self.stats = self.make_statistics()
         self.plan: Plan | None = None
         self.batch_samples = 0
+        self._mask: Tensor | None = None
+        self._positions: int | None = None
         self._device_type = next(iter(self.params.values())).device.type
         self._capture: Capture | None = None
         self._notices: set = set()
@@ -183,6 +196,8 @@ class Estimator:
         check_batch(self.model, batch, self.stats.batches)
         n = batch_size(batch)
         self.batch_samples = n
+        self._mask = position_mask(self.config.mask, batch, n)
+        self._positions = sequence_length(batch, self._mask)
         if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
             self._global_batch(batch, n)
         else:
@@ -196,17 +211,22 @@ class Estimator:
         if self.sharded:  # FSDP2 swaps parameter objects during the forward: plan by registration
             plan = registration_plan(self.model, self.params)
         else:
-            probe = UsageProbe(self.model, self.params, n)
+            probe = UsageProbe(self.model, self.params, n, self._positions, self.mode)
             grad = torch.enable_grad() if self.mode == "global" else torch.no_grad()
-            with preserved_state(self.model), grad, probe:
-                self.output_fn(call_model(self.model, batch))
+            with preserved_state(self.model), grad:
+                probe.watch(tensor_leaves(model_inputs(batch)))
+                with probe:
+                    out = self.output_fn(self._call(batch))
+                _check_output(out, n)
+                if self.mode == "global":
+                    probe.mark_shared_outputs(masked_squared_norm(out, self._mask))
             plan = probe.plan(self.params)
         if plan.unreachable:
             raise ImportanceError(
-                f"no exact {self.mode} '{self.estimator}' importance for these parameters: "
-                + "; ".join(plan.unreachable.values())
-                + ". Use mode='global', estimator='batch' (one autograd pass over the whole model), "
-                "or freeze them (requires_grad=False)"
+                f"no exact {self.mode} '{self.estimator}' importance for {sorted(plan.unreachable)}: they are read "
+                "outside any module call of the model that carries the batch (for example in output_fn, or only "
+                "in modules whose inputs or outputs are shared by the batch). Use mode='global', estimator='batch' "
+                "(one autograd pass over the whole model), or freeze them (requires_grad=False)"
             )
         return plan
 
@@ -217,26 +237,32 @@ class Estimator:
             if rule.reruns_module:  # FSDP2 frees the gathered values after the forward
                 site.live = full_params(site.module, params)
 
+    def _call(self, batch: Any) -> Any:
+        return call_model(self.model, batch, self.config.forward_fn)
+
     def _forward(self, batch: Any, n: int, clone: bool) -> tuple[Tensor, list[Site]]:
-        cap = Capture(self.model, self.plan.modules, n, clone=clone, on_site=self._on_site)
+        cap = Capture(
+            self.model,
+            self.plan.modules,
+            n,
+            positions=self._positions,
+            clone=clone,
+            alias=self.mode == "global",
+            shared_leaves=self.plan.shared_leaves,
+            on_site=self._on_site,
+        )
         self._capture = cap
         try:
             with cap:
-                out = self.output_fn(call_model(self.model, batch))
+                out = self.output_fn(self._call(batch))
         finally:
             self._capture = None
-        if not isinstance(out, Tensor):
-            raise ImportanceError(f"output_fn returned {type(out).__name__}, expected a Tensor")
-        if out.dim() == 0 or out.shape[0] != n:
-            raise ImportanceError(
-                f"the model output has shape {tuple(out.shape)}, which has no batch dimension of size {n}; "
-                "MAS needs one output per sample (pass output_fn to select it)"
-            )
-        if not torch.isfinite(out).all():
-            raise ImportanceError("the model output contains NaN or Inf values; importance would be meaningless")
+        _check_output(out, n)
         return out, cap.sites
 
-    def _needs_samples(self, rule) -> bool:
+    def _needs_samples(self, rule, site: Site) -> bool:
+        if self.mode == "local" and not site.batched:  # a call shared by the batch: one event for every sample
+            return False
         return self.estimator == "sample" or (self.estimator == "hebbian" and not rule.hebbian)
 
     def _update_through_sites(self, batch: Any, n: int) -> None:
@@ -244,13 +270,13 @@ class Estimator:
             grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
             with grad_ctx:
                 out, sites = self._forward(batch, n, clone=attempt == 1)
+                if self.mode == "local":
+                    self._local_deltas(sites)
                 for s in sites:
                     for rule, _ in self.plan.sites[id(s.module)].groups:
-                        rule.check(self, s, self._needs_samples(rule))
+                        rule.check(self, s, self._needs_samples(rule, s))
                 if self.mode == "global":
                     self._global_deltas(out, sites)
-                else:
-                    self._local_deltas(sites)
             if any(s.changed_in_place() for s in sites):
                 if attempt == 0:
                     self.notice_once(
@@ -266,25 +292,35 @@ class Estimator:
             return
 
     def _local_deltas(self, sites: list[Site]) -> None:
+        mask = self._mask
         for s in sites:
             s.outputs = [t.detach() for t in s.outputs]
+            if mask is not None and not s.batched:
+                _expand_shared(s, mask)
             # a module is judged by its output as the model is: the tensor, or a tuple's first element
             s.deltas = [t if i == 0 and t.is_floating_point() else None for i, t in enumerate(s.outputs)]
             act = self.activation_of.get(id(s.module))
             if act is not None:
                 _apply_activation(s, act)
+            if mask is None or s.delta is None:
+                continue
+            m = aligned_mask(s.outputs[0], s.out_dims[0], mask)
+            if m is not None:  # ½‖y_k‖² over real positions only
+                s.deltas[0] = s.deltas[0] * m
+            if s.args and isinstance(s.x, Tensor) and s.x.is_floating_point():
+                s.row_mask = row_mask(s.x, s.x_dim, mask)
 
     def _global_deltas(self, out: Tensor, sites: list[Site]) -> None:
-        loss = out.float().pow(2).sum()
+        loss = masked_squared_norm(out, self._mask)
         if not loss.requires_grad:
             raise ImportanceError("the model output does not depend on any trainable parameter")
-        targets = [t for s in sites for t in s.outputs if t.requires_grad]
+        targets = [t for s in sites for t in s.targets if t.requires_grad]
         covered = {id(p) for s in sites for _, params in self.plan.sites[id(s.module)].groups for p in params.values()}
         uncovered = [p for p in self.params.values() if id(p) not in covered]
         grads = torch.autograd.grad(loss, targets + uncovered, allow_unused=True)
         by_id = {id(t): g for t, g in zip(targets, grads[: len(targets)])}
         for s in sites:
-            s.deltas = [by_id.get(id(t)) for t in s.outputs]
+            s.deltas = [by_id.get(id(t)) for t in s.targets]
         used_elsewhere = [self.names[id(p)] for p, g in zip(uncovered, grads[len(targets) :]) if g is not None]
         if used_elsewhere:
             raise ImportanceError(
@@ -296,7 +332,7 @@ class Estimator:
     def _global_batch(self, batch: Any, n: int) -> None:
         with torch.enable_grad():
             out, _ = self._forward_plain(batch, n)
-            loss = out.float().pow(2).sum()
+            loss = masked_squared_norm(out, self._mask)
             if not loss.requires_grad:
                 raise ImportanceError("the model output does not depend on any trainable parameter")
             grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
@@ -311,6 +347,35 @@ class Estimator:
             return self._forward(batch, n, clone=False)
         finally:
             self.plan = plan
+
+
+def _expand_shared(site: Site, mask: Tensor) -> None:
+    """Local mode, a call shared by the batch whose output is laid out ``[1, T, ...]`` (a position embedding):
+    every sample sees it over its own real positions, so it becomes that call expanded to the batch."""
+    n, positions = mask.shape
+    y = site.outputs[0] if site.outputs else None
+    if y is None or y.dim() < 2 or y.shape[0] != 1 or y.shape[1] != positions:
+        return
+    leaves, spec = tree_flatten((site.args, site.kwargs))
+    for i, t in enumerate(leaves):
+        if isinstance(t, Tensor) and not isinstance(t, nn.Parameter) and t.dim() >= 1 and t.shape[0] == 1:
+            leaves[i] = t.expand(n, *t.shape[1:])
+            site.in_dims[i] = 0
+    site.args, site.kwargs = tree_unflatten(leaves, spec)
+    site.outputs[0] = y.expand(n, *y.shape[1:])
+    site.out_dims[0] = 0
+
+
+def _check_output(out: Any, n: int) -> None:
+    if not isinstance(out, Tensor):
+        raise ImportanceError(f"output_fn returned {type(out).__name__}, expected a Tensor")
+    if out.dim() == 0 or out.shape[0] != n:
+        raise ImportanceError(
+            f"the model output has shape {tuple(out.shape)}, which has no batch dimension of size {n}; "
+            "MAS needs one output per sample (pass output_fn to select it)"
+        )
+    if not torch.isfinite(out).all():
+        raise ImportanceError("the model output contains NaN or Inf values; importance would be meaningless")
 
 
 def _apply_activation(site: Site, act: Callable[[Tensor], Tensor]) -> None:

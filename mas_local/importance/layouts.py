@@ -13,9 +13,14 @@ dimension 0; the torch modules that declare a layout are read by that declaratio
   masks as above, and every module they call (Linear, LayerNorm, ...) along dim 1.
 
 Everything else: a tensor whose leading dimension equals the batch size is batched
-along dim 0; parameters and other tensors are shared by the batch. A shape cannot tell ``[T, B, ·]``
+along dim 0; one whose leading dimension is batch size × positions per sample holds the
+samples' tokens flattened sample-major (``[B·T, ...]``, as MoE layers route them: ``FLAT``);
+parameters and other tensors are shared by the batch. A shape cannot tell ``[T, B, ·]``
 from ``[B, T, ·]`` when T == B: modules outside these types that run sequence-first
-must be wrapped so that they see batch-first tensors.
+must be wrapped so that they see batch-first tensors. On the first batch of a pass the
+engine also follows which tensors are computed from the batch's tensors: one whose size
+says "batched" but that is not computed from the batch and whose slices differ (cache
+positions ``[T]`` or relative-position buckets ``[T, T]`` when T == B) is shared.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
 from ..errors import ImportanceError
+
+FLAT = "tokens"  # batch dim marker: leading dim is B·T, sample-major
+BatchDim = int | str | None
 
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder)
 
@@ -47,12 +55,14 @@ def is_sequence_first(module: nn.Module) -> bool:
     return False
 
 
-def _default_dim(t: Any, n: int, seq_first: bool) -> int | None:
+def _default_dim(t: Any, n: int, seq_first: bool, flat_rows: int | None) -> BatchDim:
     if not isinstance(t, Tensor) or t.dim() == 0 or isinstance(t, nn.Parameter):  # a parameter is never batched
         return None
     if seq_first:
         return 1 if t.dim() >= 2 and t.shape[1] == n else None
-    return 0 if t.shape[0] == n else None
+    if t.shape[0] == n:
+        return 0
+    return FLAT if flat_rows is not None and t.shape[0] == flat_rows else None
 
 
 def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -88,11 +98,16 @@ def _declared_dim(module: nn.Module, name: str, t: Any, n: int) -> int | None:
     return 1 if is_sequence_first(module) else 0
 
 
-def input_dims(module: nn.Module, args: tuple, kwargs: dict, n: int, in_seq_first: bool) -> list[int | None]:
-    """The batch dimension of each tensor leaf of ``(args, kwargs)`` (``None``: shared by the batch)."""
+def input_dims(
+    module: nn.Module, args: tuple, kwargs: dict, n: int, in_seq_first: bool, flat_rows: int | None = None
+) -> list[BatchDim]:
+    """The batch dimension of each tensor leaf of ``(args, kwargs)`` (``None``: shared by the batch).
+
+    ``flat_rows`` is B·T when the batch has T > 1 positions per sample (else ``None``).
+    """
     leaves, _ = tree_flatten((args, kwargs))
     if not declares_layout(module):
-        return [_default_dim(t, n, in_seq_first) for t in leaves]
+        return [_default_dim(t, n, in_seq_first, flat_rows) for t in leaves]
     dims: list[int | None] = []
     bound = _bound(module, args, kwargs)
     by_leaf: dict[int, int | None] = {}
@@ -114,7 +129,9 @@ def input_dims(module: nn.Module, args: tuple, kwargs: dict, n: int, in_seq_firs
     return dims
 
 
-def output_dims(module: nn.Module, outputs: list[Tensor], n: int, in_seq_first: bool) -> list[int | None]:
+def output_dims(
+    module: nn.Module, outputs: list[Tensor], n: int, in_seq_first: bool, flat_rows: int | None = None
+) -> list[BatchDim]:
     """The batch dimension of each tensor leaf of a module's output."""
     if isinstance(module, nn.RNNBase):
         first = (0 if module.batch_first else 1) if outputs and outputs[0].dim() == 3 else None
@@ -124,4 +141,4 @@ def output_dims(module: nn.Module, outputs: list[Tensor], n: int, in_seq_first: 
         return [first] + [0 if t.dim() >= 3 else None for t in outputs[1:]]
     if declares_layout(module):
         return [(1 if is_sequence_first(module) else 0) if t.dim() == 3 else None for t in outputs]
-    return [_default_dim(t, n, in_seq_first) for t in outputs]
+    return [_default_dim(t, n, in_seq_first, flat_rows) for t in outputs]

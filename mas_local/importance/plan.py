@@ -6,10 +6,13 @@ found by *where it is read* (``docs/math.md``, "Where each parameter is computed
 1. If every read of the parameter happens directly inside the forward of a module
    that registers it (a Linear's weight inside that Linear; a tied weight inside each
    of the modules that share it), those modules' rules compute it, and per-sample
-   gradients of several calls are summed before the absolute value.
+   gradients of several calls are summed before the absolute value. In global mode
+   those calls must also *carry the batch*: a batched input, and no output without the
+   batch dimension that the loss depends on.
 2. Otherwise (a weight read outside its module, ``nn.MultiheadAttention`` reading its
-   ``out_proj``, a parametrization), the generic rule computes it at the smallest
-   enclosing module that holds all its reads and whose calls carry the batch.
+   ``out_proj``, a parametrization, a position embedding called on ids shared by the
+   batch), the generic rule computes it at the smallest enclosing module that holds all
+   its reads and whose calls carry the batch.
 3. If there is none (a read outside any module call of the model, e.g. in
    ``output_fn``), the parameter has no exact per-sample method; per-sample
    estimators then stop with an :class:`~mas_local.errors.ImportanceError` naming it.
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .layouts import input_dims, is_sequence_first
+from .layouts import input_dims, is_sequence_first, output_dims
 from .rules import GENERIC, Rule, rule_for
 
 # Functions that read a tensor's metadata or cut it from the graph: not a use of its values.
@@ -61,6 +64,9 @@ class SitePlan:
 class Plan:
     sites: dict[int, SitePlan] = field(default_factory=dict)  # id(module) -> plan
     unreachable: dict[str, str] = field(default_factory=dict)  # parameter name -> why
+    # id(module) -> indices of input leaves whose size says "batched" but that do not come from the batch
+    # (cache positions [T], relative-position buckets [T, T] when T == B): shared by the batch
+    shared_leaves: dict[int, set[int]] = field(default_factory=dict)
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -68,6 +74,13 @@ class Plan:
 
     def assign(self, module: nn.Module, rule: Rule, local_name: str, param: nn.Parameter) -> None:
         self.sites.setdefault(id(module), SitePlan(module)).add(rule, local_name, param)
+
+
+def _same_along(t: Tensor, dim: int) -> bool:
+    """Whether every slice of ``t`` along ``dim`` equals the first (a broadcast: slicing it is harmless)."""
+    if t.stride(dim) == 0:
+        return True
+    return bool((t == t.narrow(dim, 0, 1)).all())
 
 
 def _local_name(module: nn.Module, p: Tensor) -> str | None:
@@ -109,22 +122,42 @@ def registration_plan(model: nn.Module, params: dict[str, nn.Parameter]) -> Plan
 class UsageProbe(TorchFunctionMode):
     """Records, for each parameter, the stack of module calls active at each differentiable read."""
 
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], n: int) -> None:
+    def __init__(
+        self, model: nn.Module, params: dict[str, nn.Parameter], n: int, positions: int | None, mode: str
+    ) -> None:
         super().__init__()
-        self.model, self.n = model, n
+        self.model, self.n, self.mode = model, n, mode
+        self.flat_rows = n * positions if positions is not None and positions > 1 else None
         self.names = {id(p): name for name, p in params.items()}
         self.stack: list[nn.Module] = []
         self.reads: dict[str, list[tuple[nn.Module, ...]]] = defaultdict(list)
         self.unbatched_calls: set[int] = set()  # modules with a call that had no batched input
+        self.shared_outputs: list[tuple[int, Tensor]] = []  # (module, output without the batch dim needing grad)
+        self.ineligible: set[int] = set()  # modules with a call that does not carry the batch
+        # tensors computed from the batch's tensors (ids; the tensors are kept alive for the probe's duration)
+        self.from_batch: set[int] = set()
+        self._alive: list[Tensor] = []
+        self.shared_leaves: dict[int, set[int]] = {}
         self._seq_first = 0
         self._handles: list = []
+
+    def watch(self, batch_tensors: list[Tensor]) -> None:
+        for t in batch_tensors:
+            self.from_batch.add(id(t))
+            self._alive.append(t)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if getattr(func, "__name__", "") in _NOT_A_USE:
             return out
-        hits = [self.names[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.names]
+        leaves = tree_flatten((args, kwargs))[0]
+        if any(isinstance(t, Tensor) and id(t) in self.from_batch for t in leaves):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, Tensor):
+                    self.from_batch.add(id(t))
+                    self._alive.append(t)
+        hits = [self.names[id(t)] for t in leaves if id(t) in self.names]
         if hits and (
             not torch.is_grad_enabled() or any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(out)[0])
         ):
@@ -134,9 +167,16 @@ class UsageProbe(TorchFunctionMode):
         return out
 
     def _push(self, module, args, kwargs):
-        dims = input_dims(module, args, kwargs, self.n, self._seq_first > 0)
+        dims = input_dims(module, args, kwargs, self.n, self._seq_first > 0, self.flat_rows)
+        for i, t in enumerate(tree_flatten((args, kwargs))[0]):
+            if isinstance(dims[i], int) and id(t) not in self.from_batch and not _same_along(t, dims[i]):
+                # its size happens to be B, but it is not computed from the batch and its slices differ:
+                # positions or relative-position buckets [T, ...] with T == B
+                dims[i] = None
+                self.shared_leaves.setdefault(id(module), set()).add(i)
         if all(d is None for d in dims):
             self.unbatched_calls.add(id(module))
+            self.ineligible.add(id(module))
         self.stack.append(module)
         if is_sequence_first(module):
             self._seq_first += 1
@@ -146,6 +186,22 @@ class UsageProbe(TorchFunctionMode):
             self.stack.pop()
         if is_sequence_first(module):
             self._seq_first -= 1
+        if self.mode == "global":
+            outs = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
+            seq_first = self._seq_first - (1 if is_sequence_first(module) else 0) > 0
+            for t, dim in zip(outs, output_dims(module, outs, self.n, seq_first, self.flat_rows)):
+                if dim is None and t.requires_grad and t.is_floating_point():
+                    self.shared_outputs.append((id(module), t))
+
+    def mark_shared_outputs(self, loss: Tensor) -> None:
+        """Global mode: a call whose output without the batch dimension reaches the loss does not carry the batch."""
+        if not self.shared_outputs or not loss.requires_grad:
+            return
+        grads = torch.autograd.grad(loss, [t for _, t in self.shared_outputs], allow_unused=True)
+        for (module_id, _), g in zip(self.shared_outputs, grads):
+            if g is not None:
+                self.ineligible.add(module_id)
+        self.shared_outputs = []
 
     def __enter__(self) -> Any:
         for m in self.model.modules():
@@ -155,40 +211,40 @@ class UsageProbe(TorchFunctionMode):
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
+        self._alive = []
         for h in self._handles:
             h.remove()
         self._handles = []
 
     def plan(self, params: dict[str, nn.Parameter]) -> Plan:
-        plan = Plan()
+        plan = Plan(shared_leaves=self.shared_leaves)
         for name, p in params.items():
             stacks = self.reads.get(name)
             if not stacks:
                 _assign_to_registrants(plan, _minimal_registrants(self.model, p), p)
                 continue
             inner = [s[-1] if s else None for s in stacks]
-            if all(m is not None and _local_name(m, p) is not None for m in inner):
+            registered = all(m is not None and _local_name(m, p) is not None for m in inner)
+            if registered and (self.mode == "local" or not any(id(m) in self.ineligible for m in inner)):
                 _assign_to_registrants(plan, list({id(m): m for m in inner}.values()), p)
                 continue
             site = self._enclosing(stacks)
             if site is None:
-                plan.unreachable[name] = (
-                    f"{name!r} is read outside any module call of the model that carries the batch (for example "
-                    "in output_fn, or in a module called without batched inputs)"
-                )
+                plan.unreachable[name] = "read outside every module call that carries the batch"
                 continue
             plan.assign(site, GENERIC, _relative_name(site, p), p)
         return plan
 
     def _enclosing(self, stacks: list[tuple[nn.Module, ...]]) -> nn.Module | None:
-        """The deepest module on every stack whose calls all carry the batch."""
+        """The deepest module on every stack whose calls all carry the batch (local mode: have a batched input)."""
         common: list[nn.Module] = []
         for frames in zip(*stacks):
             if all(f is frames[0] for f in frames):
                 common.append(frames[0])
             else:
                 break
+        excluded = self.ineligible if self.mode == "global" else self.unbatched_calls
         for m in reversed(common):
-            if id(m) not in self.unbatched_calls:
+            if id(m) not in excluded:
                 return m
         return None

@@ -10,6 +10,10 @@ Counts: batches, so Ω = (1/#B) Σ_B |g_B| / b_B, what the official code and Ava
 
 ``hebbian``: every call is its own set of co-activation events (Linear/Conv rules);
 other modules use the per-call ``sample`` statistic and count samples.
+
+A call shared by the whole batch (no batched input: a position embedding on ids
+``[1, T]``) reaches the reduction in local mode only: its one gradient is every
+sample's gradient (global mode computes such parameters at an enclosing module).
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ def _reduce_batch(acc: Any, sites: list[Site], plan: Plan, n: int) -> None:
     acc.stats.count_all(1)
 
 
+def _add_sample_abs(acc: Any, rule: Any, site: Site, params: dict, n: int) -> None:
+    if site.batched:
+        rule.add_sample_abs(acc, site, params)
+        return
+    for name, g in rule.batch_grads(acc, site, params).items():  # the same gradient for each of the n samples
+        acc.add_sum(params[name], g.abs() * n)
+
+
 def _reduce_hebbian(acc: Any, sites: list[Site], plan: Plan, n: int) -> None:
     for s in sites:
         for rule, params in plan.sites[id(s.module)].groups:
@@ -64,7 +76,7 @@ def _reduce_hebbian(acc: Any, sites: list[Site], plan: Plan, n: int) -> None:
                 rule.add_hebbian(acc, s, params)
                 continue
             if _has_delta(s):
-                rule.add_sample_abs(acc, s, params)
+                _add_sample_abs(acc, rule, s, params, n)
             for p in params.values():
                 acc.add_count(p, n)
 
@@ -76,7 +88,7 @@ def _reduce_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[
         for rule, params in plan.sites[id(s.module)].groups:
             own = {k: p for k, p in params.items() if id(p) not in shared}
             if own:
-                rule.add_sample_abs(acc, s, own)
+                _add_sample_abs(acc, rule, s, own, n)
     if shared:
         _shared_sample(acc, sites, plan, n, shared)
     acc.stats.count_all(n)
@@ -94,7 +106,14 @@ def _shared_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[
                 mine = {k: p for k, p in params.items() if id(p) in shared}
                 if not mine:
                     continue
-                for name, g in rule.per_sample_grads(acc, s, mine, rows).items():
+                if s.batched:
+                    grads = rule.per_sample_grads(acc, s, mine, rows)
+                else:  # shared by the batch: one gradient, every sample's
+                    grads = {
+                        k: g.unsqueeze(0).expand(rows.stop - rows.start, *g.shape)
+                        for k, g in rule.batch_grads(acc, s, mine).items()
+                    }
+                for name, g in grads.items():
                     p = mine[name]
                     total[id(p)] = (p, g if id(p) not in total else total[id(p)][1] + g)
         for p, g in total.values():

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ...distributed.fsdp import without_fsdp_hooks
 from ...errors import ImportanceError
 from ..batches import tensor_leaves
+from ..layouts import FLAT
 from .base import Rule
 
 
@@ -37,7 +38,7 @@ class GenericRule(Rule):
                 f"{name} in train mode mixes the samples of a batch, so per-sample importance is undefined; "
                 "call model.eval() (the default eval_mode=True does) or use estimator='batch'"
             )
-        if all(d is None for d in site.in_dims):
+        if not site.batched:
             raise ImportanceError(
                 f"module {name} has no input with the batch dimension ({acc.batch_samples} samples); per-sample "
                 "importance cannot separate its samples (use estimator='batch')"
@@ -52,33 +53,31 @@ class GenericRule(Rule):
 
     def per_sample_grads(self, acc, site, params, rows):
         leaves, spec = tree_flatten((site.args, site.kwargs))
-        dims = site.in_dims
         live = [i for i, d in enumerate(site.deltas) if d is not None]
-        out_dims = [site.out_dims[i] for i in live]
         values = {k: (site.live[k] if site.live and k in site.live else p).detach() for k, p in params.items()}
         module, values = without_fsdp_hooks(site.module, values)
         names = list(params)
         count = rows.stop - rows.start
+        batched = [i for i, dim in enumerate(site.in_dims) if dim is not None]
+        sample_leaves, sample_dims = _split(
+            site, [leaves[i] for i in batched], [site.in_dims[i] for i in batched], rows
+        )
+        sample_deltas, delta_dims = _split(site, [site.deltas[i] for i in live], [site.out_dims[i] for i in live], rows)
 
         def loss_of_sample(values, sample_leaves, sample_deltas):
             full = list(leaves)
-            it = iter(sample_leaves)
-            for i, dim in enumerate(dims):
-                if dim is not None:
-                    full[i] = next(it).unsqueeze(dim)
+            for i, t in zip(batched, sample_leaves):
+                full[i] = _one_sample(t, site.in_dims[i])
             args, kwargs = tree_unflatten(full, spec)
             outs = tensor_leaves(torch.func.functional_call(module, values, args, kwargs))
             return sum(
-                (outs[i].float() * d.unsqueeze(od).float()).sum() for i, d, od in zip(live, sample_deltas, out_dims)
+                (outs[i].float() * _one_sample(d, site.out_dims[i]).float()).sum() for i, d in zip(live, sample_deltas)
             )
 
-        sample_leaves = [leaves[i].narrow(dim, rows.start, count) for i, dim in enumerate(dims) if dim is not None]
-        sample_dims = [dim for dim in dims if dim is not None]
-        sample_deltas = [site.deltas[i].narrow(od, rows.start, count) for i, od in zip(live, out_dims)]
         grad_fn = torch.func.grad(loss_of_sample)
         with acc.recomputing():
             try:
-                g = torch.func.vmap(grad_fn, in_dims=(None, sample_dims, out_dims), randomness="same")(
+                g = torch.func.vmap(grad_fn, in_dims=(None, sample_dims, delta_dims), randomness="same")(
                     values, sample_leaves, sample_deltas
                 )
             except Exception as exc:  # data-dependent control flow etc.: a per-sample loop, same maths
@@ -92,7 +91,7 @@ class GenericRule(Rule):
                     grad_fn(
                         values,
                         [t.select(dim, k) for t, dim in zip(sample_leaves, sample_dims)],
-                        [d.select(od, k) for d, od in zip(sample_deltas, out_dims)],
+                        [d.select(dim, k) for d, dim in zip(sample_deltas, delta_dims)],
                     )
                     for k in range(count)
                 ]
@@ -123,3 +122,19 @@ class GenericRule(Rule):
             name: (torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None else g.float())
             for name, p, g in zip(names, params.values(), grads)
         }
+
+
+def _split(site, tensors: list[Tensor], dims: list, rows: slice) -> tuple[list[Tensor], list[int]]:
+    """Samples ``rows`` of each tensor, and the dimension vmap maps over (flattened tokens become [B, T, ...])."""
+    out, vmap_dims = [], []
+    for t, dim in zip(tensors, dims):
+        if dim == FLAT:
+            t, dim = site.batch_first(t, FLAT), 0
+        out.append(t.narrow(dim, rows.start, rows.stop - rows.start))
+        vmap_dims.append(dim)
+    return out, vmap_dims
+
+
+def _one_sample(t: Tensor, dim) -> Tensor:
+    """One sample's slice as the module sees it: a batch of one, or its own tokens ``[T, ...]`` when flattened."""
+    return t if dim == FLAT else t.unsqueeze(dim)
