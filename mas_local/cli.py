@@ -55,7 +55,9 @@ def _positive_int(name: str, minimum: int = 1):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compare import BENCHMARKS, DEFAULT_LAM_GRID, HIDDEN, METHODS, MODELS
+    from .experiments.config import DEFAULT_LAM_GRID, METHODS
+    from .experiments.data import BENCHMARKS
+    from .experiments.models import HIDDEN, MODELS
 
     parser = argparse.ArgumentParser(prog="mas-local", description="mas-local: Memory Aware Synapses for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -137,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .compare import Config, run, table
+    from .experiments.config import Config
+    from .experiments.protocol import run
+    from .experiments.report import table
 
     cfg = Config(
         seeds=args.seeds,
@@ -172,12 +176,7 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "(scikit-learn, matplotlib)" + (" or pass --no-plots" if missing == ["matplotlib"] else "")
         )
     t0 = time.perf_counter()
-    try:
-        results = run(cfg)
-    except RuntimeError as exc:
-        if "core library is missing" in str(exc):
-            sub.error(str(exc))
-        raise
+    results = run(cfg)
     print(table(results))
     files = ["results.json"] + [p.rsplit("/", 1)[-1] for p in results.get("plots", [])]
     print(f"wrote {', '.join(files)} to {cfg.out} in {time.perf_counter() - t0:.1f} s")
