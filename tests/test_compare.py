@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from mas_local.cli import main
+import mas_local as ml
+from mas_local.cli import attach_dash_values, build_parser, main
 from mas_local.experiments import metrics
 from mas_local.experiments.config import METHODS
 from mas_local.experiments.data import make_tasks
@@ -199,6 +200,10 @@ def test_python_dash_m_help():
         "--methods",
         "--out",
         "--device",
+        "--batch-size",
+        "--lr",
+        "--threads",
+        "--no-plots",
         "--quiet",
     ):
         assert opt in proc.stdout
@@ -218,6 +223,11 @@ def test_python_dash_m_help():
         (["--lam-grid", "1,-2"], "must be finite and >= 0"),
         (["--lam-grid", "1,nan"], "must be finite and >= 0"),
         (["--lam-grid", "1,1"], "lists a value twice"),
+        # a value starting with "-" reaches the option's own check instead of argparse's "expected one argument"
+        (["--lam-grid", "-1,1"], "λ must be finite and >= 0, got '-1' (λ is a value, not an exponent"),
+        (["--lam-grid", "-inf"], "must be finite and >= 0, got '-inf'"),
+        (["--lr", "-1e-3"], "--lr must be positive, got -0.001"),
+        (["--lam-grid", "--quiet"], "--lam-grid: expected one argument"),
         (["--benchmark", "split", "--tasks", "6"], "at most 5 tasks"),
         (["--model", "resnet"], "invalid choice"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
@@ -231,6 +241,45 @@ def test_bad_options_exit_with_message(args, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["compare", "--lam-grid", "-1,1"], ["compare", "--lam-grid=-1,1"]),
+        (["compare", "--lr", "-1e-3", "--quiet"], ["compare", "--lr=-1e-3", "--quiet"]),
+        (["compare", "--lam-grid", "0.1,1"], ["compare", "--lam-grid", "0.1,1"]),  # no dash: untouched
+        (["compare", "--lam-grid", "--quiet"], ["compare", "--lam-grid", "--quiet"]),  # an option, not a value
+        (["compare", "--lam-grid", "-h"], ["compare", "--lam-grid", "-h"]),
+        (["compare", "--quiet", "-1"], ["compare", "--quiet", "-1"]),  # a flag takes no value
+        (["compare", "--", "--lr", "-1"], ["compare", "--", "--lr", "-1"]),  # after "--" nothing is rewritten
+    ],
+)
+def test_attach_dash_values(argv, expected):
+    assert attach_dash_values(argv, build_parser().value_options) == expected
+
+
+def test_dash_values_parse_like_the_equals_form():
+    parser = build_parser()
+    spaced = parser.parse_args(
+        attach_dash_values(["compare", "--lam-grid", "1e-3,1", "--lr", "-0.5"], parser.value_options)
+    )
+    joined = parser.parse_args(["compare", "--lam-grid=1e-3,1", "--lr=-0.5"])
+    assert spaced.lam_grid == joined.lam_grid == (0.001, 1.0)
+    assert spaced.lr == joined.lr == -0.5  # parsed; Config.validate rejects it with its own message
+
+
+def test_value_options_are_exactly_the_options_that_take_a_value():
+    opts = build_parser().value_options
+    assert {"--lam-grid", "--lr", "--seeds", "--out", "--device", "--batch-size", "--threads"} <= opts
+    assert not opts & {"--quiet", "--no-plots", "-h", "--help"}
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mas-local {ml.__version__}"
 
 
 def test_unwritable_out_folder(capsys, tmp_path):
