@@ -157,9 +157,13 @@ def test_command_end_to_end_all_methods(tmp_path, capsys):
             assert m["summary"]["penalty_overhead"]["mean"] is not None
     rho = res["importance_comparison"]["spearman"]["global-sample vs local-hebbian"]
     assert set(rho) == {"body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "head.weight", "head.bias"}
+    labels = res["importance_comparison"]["labels"]
+    assert set(labels) == set(rho) and labels["body.2.weight"]["module"] == "Linear 256→256"
+    assert res["chance_accuracy"] == 0.1
     _check_pngs(out)
     text = capsys.readouterr().out
     assert "local-hebbian" in text and "global-sample" in text
+    assert "layer 1 weight" in text and "body.0" not in text
 
 
 def test_command_split_cnn_multi_head(tmp_path):
@@ -175,6 +179,7 @@ def test_command_split_cnn_multi_head(tmp_path):
         "joint,global-sample,local-hebbian",
     )
     assert res["tasks"] == ["digits 0/1", "digits 2/3"]
+    assert res["chance_accuracy"] == 0.5  # one 2-way head per task
     for m in res["methods"].values():
         acc = np.array(m["acc_matrix_mean"])
         assert acc.shape == (2, 2) and acc[1, 1] > 0.6  # a 2-way task learnt in one epoch

@@ -17,6 +17,13 @@ BENCHMARKS = ("permuted", "split", "rotated")
 SPLIT_MAX_TASKS = 5  # ten digits in pairs
 
 
+def classes_per_task(benchmark: str) -> int:
+    """Classes a task's head chooses from: 2 for ``split`` (one 2-way head per task), else 10."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+    return 2 if benchmark == "split" else 10
+
+
 @dataclass
 class Task:
     """One task: inputs ``[N, 64]`` and labels per split; ``head`` is the task id for multi-head."""

@@ -15,7 +15,7 @@ import torch
 from . import metrics
 from .config import MAS_METHODS, Config
 from .data import Task, importance_batches
-from .models import ActiveHead, Net
+from .models import ActiveHead, Net, parameter_labels
 from .training import synchronize
 
 ESTIMATOR_PAIRS = (
@@ -30,8 +30,8 @@ def compare_estimators(model: Net, task: Task, cfg: Config) -> dict:
     """Ω of every estimator on ``task``'s training images and Spearman ρ per tensor for each pair.
 
     Returns ``seconds`` (per estimator), ``spearman`` (``"a vs b"`` -> parameter -> ρ),
-    ``omegas`` (estimator -> parameter -> flat numpy Ω) and ``params`` (the trainable
-    parameter names in model order).
+    ``omegas`` (estimator -> parameter -> flat numpy Ω), ``params`` (the trainable
+    parameter names in model order) and ``labels`` (:func:`~.models.parameter_labels`).
     """
     import mas_local as ml
 
@@ -53,4 +53,5 @@ def compare_estimators(model: Net, task: Task, cfg: Config) -> dict:
         rho[f"{a} vs {b}"] = {
             n: metrics.spearman(omegas[a][n], omegas[b][n]) for n in names if n in omegas[a] and n in omegas[b]
         }
-    return {"seconds": seconds, "spearman": rho, "omegas": omegas, "params": names}
+    labels = {n: lab for n, lab in parameter_labels(model).items() if n in names}
+    return {"seconds": seconds, "spearman": rho, "omegas": omegas, "params": names, "labels": labels}

@@ -91,3 +91,38 @@ class ActiveHead:
     def __exit__(self, *exc):
         if self.multi is not None:
             self.multi.active = None
+
+
+def _describe(module: nn.Module) -> str:
+    if isinstance(module, MultiHead):
+        return f"{module.n_heads} heads × {module.n_classes}, Linear {module.weight.shape[1]}→{module.weight.shape[0]}"
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        text = f"Conv {module.in_channels}→{module.out_channels} {kh}×{kw}"
+        return text + (f" stride {module.stride[0]}" if module.stride != (1, 1) else "")
+    if isinstance(module, nn.Linear):
+        return f"Linear {module.in_features}→{module.out_features}"
+    return type(module).__name__
+
+
+def parameter_labels(model: Net) -> dict[str, dict[str, str]]:
+    """Readable names of the parameter tensors, keyed by ``named_parameters`` name.
+
+    ``body.0.weight`` of the MLP becomes ``{"layer": "layer 1", "module": "Linear 64→256",
+    "tensor": "weight"}``: the body's layers that hold parameters are numbered from 1, the
+    output layer is ``head``.
+    """
+    labels: dict[str, dict[str, str]] = {}
+    number = 0
+    for prefix, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        if prefix == "head":
+            layer = "head"
+        else:
+            number += 1
+            layer = f"layer {number}"
+        for tensor, _ in own:
+            labels[f"{prefix}.{tensor}"] = {"layer": layer, "module": _describe(module), "tensor": tensor}
+    return labels

@@ -18,6 +18,7 @@ import torch
 
 from . import metrics
 from .config import MAS_METHODS, Config
+from .data import classes_per_task
 
 METRIC_DEFINITIONS = {
     "acc_matrix": "R[i][j] = test accuracy on task j after training tasks 1..i+1",
@@ -25,6 +26,7 @@ METRIC_DEFINITIONS = {
     "bwt": "mean_{j<T-1} (R[T-1][j] - R[j][j])",
     "forgetting": "mean_{j<T-1} (max_{j<=l<T-1} R[l][j] - R[T-1][j])",
     "learning_acc": "mean_j R[j][j]",
+    "chance_accuracy": "accuracy of a uniform guess among a task's classes (1/10 with the shared head, 1/2 for split)",
     "importance_seconds": "seconds inside mas.consolidate over the whole sequence",
     "penalty_overhead": "fastest step seconds with loss + mas.penalty() / without - 1 (interleaved, one batch)",
     "penalty_overhead_fused": "same with mas.add_penalty_grad_() after backward instead of penalty()",
@@ -66,11 +68,13 @@ def aggregate(cfg: Config, records: dict[str, list[dict]], importance: list[dict
             imp_summary["spearman"][pair] = {
                 p: metrics.mean_std([i["spearman"][pair][p] for i in importance]) for p in per_param
             }
+        imp_summary["labels"] = importance[0]["labels"]
         imp_summary["per_seed"] = [{"seconds": i["seconds"], "spearman": i["spearman"]} for i in importance]
         imp_summary["protocol"] = "model after task 1 (shared by all methods), task-1 training images, per tensor"
     return {
         "config": asdict(cfg),
         "tasks": list(task_names),
+        "chance_accuracy": 1.0 / classes_per_task(cfg.benchmark),
         "methods": methods,
         "importance_comparison": imp_summary,
         "metric_definitions": METRIC_DEFINITIONS,
@@ -146,6 +150,12 @@ def _fmt_overhead(s: dict) -> str:
     return text
 
 
+def short_label(param: str, labels: dict[str, dict[str, str]] | None) -> str:
+    """``layer 1 weight`` for ``body.0.weight`` (the parameter's own name when no label is known)."""
+    lab = (labels or {}).get(param)
+    return f"{lab['layer']} {lab['tensor']}" if lab else param
+
+
 def table(results: dict) -> str:
     """The terminal table: one line per method, then the run's settings and the global/local agreement."""
     head = [
@@ -184,6 +194,9 @@ def table(results: dict) -> str:
         pair = "global-sample vs local-hebbian"
         vals = imp["spearman"].get(pair, {})
         if vals:
-            cells = ", ".join(f"{p} {v['mean']:.2f}" for p, v in vals.items() if v["mean"] is not None)
+            labels = imp.get("labels")
+            cells = ", ".join(
+                f"{short_label(p, labels)} {v['mean']:.2f}" for p, v in vals.items() if v["mean"] is not None
+            )
             out.append(f"Spearman ρ(Ω) {pair} after task 1: {cells}")
     return "\n".join(out)
