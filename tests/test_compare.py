@@ -214,6 +214,29 @@ def test_python_dash_m_help():
         assert opt in proc.stdout
 
 
+def _compare_options() -> set[str]:
+    import re
+
+    text = build_parser().compare_parser.format_help()
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text)) - {"--help"}
+
+
+def test_readme_and_docs_list_every_option():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start = readme.index("## Global vs local MAS on real digits")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    with open(os.path.join(root, "docs", "compare.md"), encoding="utf-8") as f:
+        docs = f.read()
+    options = _compare_options()
+    assert {"--lam-grid", "--batch-size", "--lr", "--threads", "--no-plots", "--quiet"} <= options
+    for opt in sorted(options):
+        assert f"`{opt}" in section, f"README's compare section does not list {opt}"
+        assert f"| `{opt}" in docs, f"docs/compare.md's option table does not list {opt}"
+    assert "mas-local --version" in section
+
+
 # --------------------------------------------------------------------------- bad options
 
 
