@@ -10,12 +10,16 @@ import sys
 import time
 from collections.abc import Sequence
 
+from . import __version__
+
 DESCRIPTION = """\
 Compare global and local (Hebbian) MAS with fine-tuning and joint training on a
 sequence of tasks built from scikit-learn's handwritten digits (no download).
 Each MAS method's λ is chosen per task from --lam-grid on the validation split of
 the tasks seen so far. Writes results.json and PNG plots to --out and prints a table.
 See docs/compare.md for the protocol and how to read the outputs."""
+
+HELP_OPTIONS = ("-h", "--help")
 
 
 def _csv(kind):
@@ -36,7 +40,8 @@ def _float_list(text: str) -> tuple[float, ...]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{item!r} is not a number (expected e.g. 0.1,1,10)") from None
         if not math.isfinite(v) or v < 0:
-            raise argparse.ArgumentTypeError(f"λ must be finite and >= 0, got {item!r}")
+            hint = " (λ is a value, not an exponent: write 10^-1 as 1e-1)" if v < 0 else ""
+            raise argparse.ArgumentTypeError(f"λ must be finite and >= 0, got {item!r}{hint}")
         vals.append(v)
     return tuple(vals)
 
@@ -55,9 +60,12 @@ def _positive_int(name: str, minimum: int = 1):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compare import BENCHMARKS, DEFAULT_LAM_GRID, HIDDEN, METHODS, MODELS
+    from .experiments.config import DEFAULT_LAM_GRID, METHODS
+    from .experiments.data import BENCHMARKS
+    from .experiments.models import HIDDEN, MODELS
 
     parser = argparse.ArgumentParser(prog="mas-local", description="mas-local: Memory Aware Synapses for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser(
         "compare",
@@ -65,27 +73,34 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    c.add_argument(
+    value_options: set[str] = set()
+
+    def option(*names: str, **kwargs) -> None:
+        action = c.add_argument(*names, **kwargs)
+        if action.nargs != 0:  # takes a value (store_true flags take none)
+            value_options.update(action.option_strings)
+
+    option(
         "--seeds",
         type=_positive_int("--seeds"),
         default=3,
         help="number of seeds (0..N-1); each seed has its own data split, permutations and initial weights",
     )
-    c.add_argument(
+    option(
         "--tasks",
         type=_positive_int("--tasks", 2),
         default=5,
         help="number of tasks in the sequence (>= 2; at most 5 for --benchmark split)",
     )
-    c.add_argument("--epochs", type=_positive_int("--epochs"), default=5, help="training epochs per task")
-    c.add_argument(
+    option("--epochs", type=_positive_int("--epochs"), default=5, help="training epochs per task")
+    option(
         "--model",
         choices=MODELS,
         default="mlp",
         help=f"mlp: 64-{HIDDEN}-{HIDDEN}-head; cnn: two 3x3 convs on the 8x8 image, a {HIDDEN}-unit linear "
         "layer and the head",
     )
-    c.add_argument(
+    option(
         "--benchmark",
         choices=BENCHMARKS,
         default="permuted",
@@ -93,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(0/1, 2/3, ...) with one head per task; rotated: rotations evenly spaced in [0, 90] degrees",
     )
     lam_default = ",".join(f"{v:g}" for v in DEFAULT_LAM_GRID)
-    c.add_argument(
+    option(
         "--lam-grid",
         type=_float_list,
         default=lam_default,
@@ -101,32 +116,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="candidate penalty strengths λ (comma-separated, >= 0); each MAS method picks one per task "
         "on the validation split of the tasks seen so far",
     )
-    c.add_argument(
+    option(
         "--methods",
         type=_csv("method"),
         default=",".join(METHODS),
         metavar="M1,M2,...",
         help=f"methods to run (comma-separated) from: {', '.join(METHODS)}",
     )
-    c.add_argument("--out", default="runs/compare", help="output folder for results.json and the PNG plots")
-    c.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
-    c.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32, help="training batch size")
-    c.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    c.add_argument(
+    option("--out", default="runs/compare", help="output folder for results.json and the PNG plots")
+    option("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
+    option("--batch-size", type=_positive_int("--batch-size"), default=32, help="training batch size")
+    option("--lr", type=float, default=1e-3, help="Adam learning rate")
+    option(
         "--threads",
         type=_positive_int("--threads"),
         default=1,
         help="torch CPU threads while it runs (one is the fastest for these small models)",
     )
-    c.add_argument("--no-plots", action="store_true", help="skip the PNG plots (results.json and the table only)")
-    c.add_argument("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
+    option("--no-plots", action="store_true", help="skip the PNG plots (results.json and the table only)")
+    option("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
     parser.compare_parser = c  # its error() prints the compare usage
+    parser.value_options = frozenset(value_options)
     return parser
+
+
+def attach_dash_values(argv: Sequence[str], value_options: frozenset[str]) -> list[str]:
+    """Write ``--opt VALUE`` as ``--opt=VALUE`` when VALUE starts with one dash, so argparse takes it as the value.
+
+    argparse reads a token that starts with ``-`` as an option unless it is a plain
+    negative number, so ``--lam-grid -1,1`` or ``--lr -1e-3`` would fail with "expected
+    one argument" instead of reaching the option's own check. A token starting with
+    ``--`` or naming a help option stays an option (``--lam-grid --quiet`` is still
+    the error it should be); everything after a bare ``--`` is left alone.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            out.extend(argv[i:])
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if (
+            token in value_options
+            and nxt is not None
+            and nxt.startswith("-")
+            and not nxt.startswith("--")
+            and nxt not in HELP_OPTIONS
+        ):
+            out.append(f"{token}={nxt}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(attach_dash_values(argv, parser.value_options))
     if args.command is None:
         parser.print_help(sys.stderr)
         parser.exit(2, "\nmas-local: error: choose a command (e.g. `mas-local compare --help`)\n")
@@ -137,7 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .compare import Config, run, table
+    from .experiments.config import Config
+    from .experiments.protocol import run
+    from .experiments.report import table
 
     cfg = Config(
         seeds=args.seeds,
@@ -172,12 +223,7 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "(scikit-learn, matplotlib)" + (" or pass --no-plots" if missing == ["matplotlib"] else "")
         )
     t0 = time.perf_counter()
-    try:
-        results = run(cfg)
-    except RuntimeError as exc:
-        if "core library is missing" in str(exc):
-            sub.error(str(exc))
-        raise
+    results = run(cfg)
     print(table(results))
     files = ["results.json"] + [p.rsplit("/", 1)[-1] for p in results.get("plots", [])]
     print(f"wrote {', '.join(files)} to {cfg.out} in {time.perf_counter() - t0:.1f} s")

@@ -60,12 +60,6 @@ def learning_accuracy(acc) -> float:
     return float(np.mean(np.diag(r)))
 
 
-def seen_task_accuracy(acc) -> np.ndarray:
-    """Row means over the tasks seen so far: entry ``i`` is ``(1/(i+1)) Σ_{j≤i} R[i, j]``."""
-    r = _matrix(acc)
-    return np.array([r[i, : i + 1].mean() for i in range(r.shape[0])])
-
-
 def summarize(acc) -> dict[str, float]:
     """All scalar metrics of one accuracy matrix."""
     return {

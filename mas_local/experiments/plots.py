@@ -1,13 +1,20 @@
-"""PNG plots of ``mas-local compare`` (matplotlib, Agg backend, imported only here)."""
+"""The three PNGs of ``mas-local compare`` (matplotlib, Agg backend, imported only when plotting).
+
+Each ``*_figure`` function builds a figure from the results dict (see
+:func:`~.report.aggregate`); :func:`write_all` saves them. docs/compare.md ("Plots")
+says how to read them.
+"""
 
 from __future__ import annotations
 
 import os
+import textwrap
 
 import numpy as np
 
 FILES = ("accuracy_matrices.png", "task1_accuracy.png", "importance_global_vs_local.png")
-_EST_ORDER = ("global-sample", "global-batch", "local-hebbian", "local-sample")
+ESTIMATOR_ORDER = ("global-sample", "global-batch", "local-hebbian", "local-sample")
+DPI = 110
 
 
 def _plt():
@@ -19,13 +26,18 @@ def _plt():
     return plt
 
 
-def accuracy_matrices(results: dict, path: str) -> str:
+def _chance_percent(results: dict) -> float | None:
+    chance = results.get("chance_accuracy")
+    return None if chance is None else 100.0 * chance
+
+
+def accuracy_matrices_figure(results: dict):
     """Mean test-accuracy matrix of every method, side by side."""
     plt = _plt()
     methods = list(results["methods"])
     n = len(methods)
     t = len(results["tasks"])
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.8, 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n + 1.0, 2.9), squeeze=False, layout="constrained")
     im = None
     for ax, m in zip(axes[0], methods):
         mat = np.array(results["methods"][m]["acc_matrix_mean"], dtype=float) * 100
@@ -42,14 +54,18 @@ def accuracy_matrices(results: dict, path: str) -> str:
     axes[0][0].set_ylabel("after training task", fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="test accuracy %")
-    fig.suptitle("Accuracy matrices (mean over seeds)", fontsize=10)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    chance = _chance_percent(results)
+    note = f"; chance {chance:.0f}%" if chance is not None else ""
+    fig.suptitle(f"Accuracy matrices (mean over seeds{note})", fontsize=10)
+    return fig
 
 
-def task1_accuracy(results: dict, path: str) -> str:
-    """Test accuracy on task 1 after each task, mean ± std over seeds, one line per method."""
+def task1_accuracy_figure(results: dict):
+    """Test accuracy on task 1 after each task, mean ± std over seeds, one line per method.
+
+    The y-axis is fixed at 0–100 % (so a flat line near 100 % reads as "nothing forgotten",
+    not as a zoomed-in wiggle) with the benchmark's chance level drawn for reference.
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     styles = ["-", "--", "-.", ":"]
@@ -61,34 +77,44 @@ def task1_accuracy(results: dict, path: str) -> str:
         # distinct line styles and markers: methods with equal curves stay visible
         ax.plot(x, mean, ls=styles[k % len(styles)], marker=markers[k % len(markers)], ms=4, label=m)
         ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    chance = _chance_percent(results)
+    if chance is not None:
+        ax.axhline(chance, color="grey", lw=0.8, ls=":", label=f"chance ({chance:.0f}%)")
+    ax.set_ylim(0, 102)
+    ax.set_yticks(range(0, 101, 20))
     ax.set_xlabel("after training task")
     ax.set_ylabel("accuracy on task 1 (%)")
     ax.set_xticks(range(1, len(results["tasks"]) + 1))
     ax.set_title("Remembering task 1", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
 
 
-def importance_comparison(results: dict, importance: list[dict], path: str) -> str:
-    """Spearman ρ of Ω per layer for the estimator pairs (top) and log10 Ω histograms per weight (bottom)."""
+def _tick_label(param: str, labels: dict) -> str:
+    """``layer 1 weight`` over its module (``Linear 64→256``), wrapped to fit under a bar group."""
+    lab = labels.get(param)
+    if not lab:
+        return param
+    return f"{lab['layer']} {lab['tensor']}\n" + textwrap.fill(lab["module"], width=15)
+
+
+def importance_figure(results: dict, importance: list[dict]):
+    """Spearman ρ of Ω per parameter tensor for the estimator pairs (top), log10 Ω histograms per weight (bottom)."""
     plt = _plt()
     imp = results.get("importance_comparison")
     if not imp or not importance:
         fig, ax = plt.subplots(figsize=(5, 2))
         ax.axis("off")
         ax.text(0.5, 0.5, "no MAS method was run: no importance to compare", ha="center", va="center")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return fig
     first = importance[0]
-    weights = [p for p in first["params"] if p.endswith("weight")] or list(first["params"])
+    labels = imp.get("labels") or {}
     params = list(first["params"])
+    weights = [p for p in params if p.endswith("weight")] or params
     ncol = max(2, len(weights))
-    fig = plt.figure(figsize=(3.0 * ncol, 6.4))
-    gs = fig.add_gridspec(2, ncol, height_ratios=[1.0, 1.0], hspace=0.55)
+    fig = plt.figure(figsize=(3.0 * ncol, 6.0), layout="constrained")
+    gs = fig.add_gridspec(2, ncol, height_ratios=[1.1, 1.0])
     ax = fig.add_subplot(gs[0, :])
     pairs = list(imp["spearman"])
     width = 0.8 / max(1, len(pairs))
@@ -99,18 +125,23 @@ def importance_comparison(results: dict, importance: list[dict], path: str) -> s
         std = [v["std"] if v["std"] is not None else 0.0 for v in vals]
         ax.bar(x + (k - (len(pairs) - 1) / 2) * width, mean, width, yerr=std, label=pair, capsize=2)
     ax.axhline(0, color="black", lw=0.5)
-    ax.set_xticks(x, params, rotation=20, fontsize=7, ha="right")
-    lows = [v["mean"] for pair in pairs for v in imp["spearman"][pair].values() if v["mean"] is not None]
-    lows = [v for v in lows if not np.isnan(v)]
-    ax.set_ylim(min([0.0, *lows]) - 0.05, 1.35)  # head room for the legend
+    ax.set_xticks(x, [_tick_label(p, labels) for p in params], fontsize=7)
+    lows = [
+        v["mean"] - (v["std"] or 0.0)
+        for pair in pairs
+        for v in imp["spearman"][pair].values()
+        if v["mean"] is not None and not np.isnan(v["mean"])
+    ]
+    ax.set_ylim(min([0.0, *lows]) - 0.05, 1.05)  # every bar and its error bar in view
     ax.set_ylabel("Spearman ρ of Ω")
     ax.set_title(
         "Rank agreement of the estimators per parameter tensor (model after task 1, mean ± std over seeds)", fontsize=9
     )
-    ax.legend(fontsize=7, ncol=len(pairs), loc="upper center")
+    # beside the bars, not on them: every bar may reach ρ = 1
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, title="pair", title_fontsize=7)
     for c, p in enumerate(weights[:ncol]):
         hx = fig.add_subplot(gs[1, c])
-        for k, est in enumerate(_EST_ORDER):
+        for k, est in enumerate(ESTIMATOR_ORDER):
             om = first["omegas"].get(est, {}).get(p)
             if om is None:
                 continue
@@ -122,26 +153,29 @@ def importance_comparison(results: dict, importance: list[dict], path: str) -> s
             hx.hist(
                 np.log10(pos), bins=40, histtype="step", label=label, density=True, ls=["-", "-", "-", "--"][k], lw=1.2
             )
-        hx.set_title(p, fontsize=8)
+        lab = labels.get(p)
+        hx.set_title(f"{lab['layer']} {lab['tensor']} ({lab['module']})" if lab else p, fontsize=8)
         hx.set_xlabel("log10 Ω", fontsize=8)
         hx.tick_params(labelsize=7)
         if c == 0:
             hx.set_ylabel("density (seed 0)", fontsize=8)
         hx.legend(fontsize=6)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_all(results: dict, importance: list[dict], out: str) -> list[str]:
     """Write the three PNGs into ``out``; returns their paths."""
+    plt = _plt()
     os.makedirs(out, exist_ok=True)
-    paths = [
-        accuracy_matrices(results, os.path.join(out, FILES[0])),
-        task1_accuracy(results, os.path.join(out, FILES[1])),
-        importance_comparison(results, importance, os.path.join(out, FILES[2])),
-    ]
+    figures = (
+        accuracy_matrices_figure(results),
+        task1_accuracy_figure(results),
+        importance_figure(results, importance),
+    )
+    paths = []
+    for name, fig in zip(FILES, figures):
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
     return paths
-
-
-__all__ = ["FILES", "write_all", "accuracy_matrices", "task1_accuracy", "importance_comparison"]
