@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -33,7 +34,6 @@ from .batches import (
     call_model,
     check_batch,
     default_output_fn,
-    model_inputs,
     position_mask,
     sequence_length,
     tensor_leaves,
@@ -48,19 +48,52 @@ from .statistics import Statistics
 log = logging.getLogger("mas_local")
 
 
+def _saved_buffers(model: nn.Module) -> list:
+    return [(m, k, b, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
+
+
+def _restore_buffers(saved: list) -> None:
+    with torch.no_grad():
+        for m, k, b, copy in saved:
+            m._buffers[k] = b
+            b.copy_(copy)
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module):
     """Run a throw-away forward: buffers (BatchNorm statistics) and RNG states are restored afterwards."""
-    saved = [(m, k, b, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
+    saved = _saved_buffers(model)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:
-            with torch.no_grad():
-                for m, k, b, copy in saved:
-                    m._buffers[k] = b
-                    b.copy_(copy)
+            _restore_buffers(saved)
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module):
+    """Buffers are restored if the body raises (a failed estimate leaves the model as it was)."""
+    saved = _saved_buffers(model)
+    try:
+        yield
+    except BaseException:
+        _restore_buffers(saved)
+        raise
+
+
+def _check_checkpointing(model: nn.Module) -> None:
+    """Reentrant activation checkpointing hides module calls from ``autograd.grad``: refuse it clearly."""
+    for m in model.modules():
+        func = getattr(m, "_gradient_checkpointing_func", None)
+        if not (m.training and getattr(m, "gradient_checkpointing", False) and func is not None):
+            continue
+        if getattr(func, "keywords", {}).get("use_reentrant", False):
+            raise ImportanceError(
+                f"{type(m).__name__} uses reentrant activation checkpointing (use_reentrant=True), which runs its "
+                "forward without autograd; estimate in eval mode (the default eval_mode=True turns checkpointing "
+                "off) or enable checkpointing with use_reentrant=False"
+            )
 
 
 class Estimator:
@@ -194,16 +227,20 @@ class Estimator:
     def update(self, batch: Any) -> None:
         """Add one batch to the statistics. An error leaves the model and its buffers untouched."""
         check_batch(self.model, batch, self.stats.batches)
+        _check_checkpointing(self.model)
         n = batch_size(batch)
         self.batch_samples = n
         self._mask = position_mask(self.config.mask, batch, n)
         self._positions = sequence_length(batch, self._mask)
-        if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
-            self._global_batch(batch, n)
-        else:
-            if self.plan is None:
-                self.plan = self._make_plan(batch, n)
-            self._update_through_sites(batch, n)
+        # in train mode a forward updates buffers (BatchNorm statistics): a failed batch restores them
+        guard = preserved_buffers(self.model) if any(m.training for m in self.model.modules()) else nullcontext()
+        with guard:
+            if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
+                self._global_batch(batch, n)
+            else:
+                if self.plan is None:
+                    self.plan = self._make_plan(batch, n)
+                self._update_through_sites(batch, n)
         self.stats.samples += n
         self.stats.batches += 1
 
@@ -214,7 +251,7 @@ class Estimator:
             probe = UsageProbe(self.model, self.params, n, self._positions, self.mode)
             grad = torch.enable_grad() if self.mode == "global" else torch.no_grad()
             with preserved_state(self.model), grad:
-                probe.watch(tensor_leaves(model_inputs(batch)))
+                probe.watch(tensor_leaves(batch))  # everything the user passes, whatever forward_fn reads
                 with probe:
                     out = self.output_fn(self._call(batch))
                 _check_output(out, n)

@@ -87,15 +87,19 @@ class GenericRule(Rule):
                     type(site.module).__name__,
                     exc,
                 )
-                per = [
-                    grad_fn(
-                        values,
-                        [t.select(dim, k) for t, dim in zip(sample_leaves, sample_dims)],
-                        [d.select(dim, k) for d, dim in zip(sample_deltas, delta_dims)],
+                # plain autograd per sample: also runs modules whose hooks functorch refuses (requires_grad_)
+                per = []
+                for k in range(count):
+                    leaves_k = [t.select(dim, k) for t, dim in zip(sample_leaves, sample_dims)]
+                    deltas_k = [d.select(dim, k) for d, dim in zip(sample_deltas, delta_dims)]
+                    with torch.enable_grad():
+                        inputs = {key: v.detach().requires_grad_(True) for key, v in values.items()}
+                        loss = loss_of_sample(inputs, leaves_k, deltas_k)
+                        grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
+                    per.append(
+                        {key: torch.zeros_like(v) if gr is None else gr for (key, v), gr in zip(inputs.items(), grads)}
                     )
-                    for k in range(count)
-                ]
-                g = {k: torch.stack([p[k] for p in per]) for k in values}
+                g = {key: torch.stack([p[key] for p in per]) for key in values}
         keys = list(values)
         return {name: g[key].float() for name, key in zip(names, keys)}
 
