@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,9 +19,12 @@ from .importance.activations import resolve_activations
 from .importance.estimator import Estimator
 from .importance.passes import make_estimator, run_pass
 
+log = logging.getLogger("mas_local")
+
 ACCUMULATE = ("sum", "ema")
 _STATE_VERSION = 1
 OMEGA_DTYPES = (torch.float32, torch.bfloat16)
+_SETTINGS = ("mode", "estimator", "accumulate", "alpha", "lam")  # saved in state_dict, never loaded from it
 
 
 class MAS:
@@ -35,9 +39,19 @@ class MAS:
     Parameters with ``requires_grad=False`` when MAS is created are not
     regularised; their names are in :attr:`skipped`. Tied parameters appear once.
 
+    The regularised parameters are fixed when MAS is created (:attr:`params`). If the
+    model's trainable parameters change later (layers unfrozen, a head replaced), MAS
+    warns, once at the next :meth:`penalty`/:meth:`add_penalty_grad_` and at
+    :meth:`consolidate`; :meth:`refresh_params` takes the model's current trainable
+    parameters (new ones get Ω = 0 until the next consolidation, parameters no longer in
+    the model are dropped), and :meth:`consolidate` estimates and regularises the current
+    ones. A regularised parameter that is frozen later keeps its Ω and θ* but is not
+    penalised while frozen; consolidations leave its Ω and θ* as they are (``docs/api.md``).
+
     Scale (see ``docs/distributed.md``): under ``torch.distributed`` the importance
     pass is data parallel (``sync``/``process_group``, as :func:`compute_importance`);
-    a DDP wrapper is looked through and parameters keep the inner module's names;
+    DDP and ``torch.compile`` wrappers are looked through and parameters keep the inner
+    module's names;
     FSDP2 parameters get Ω and θ* sharded like themselves. ``omega_dtype``
     (float32 or bfloat16) is the storage dtype of the accumulated Ω; estimation
     always accumulates in float32. θ* keeps each parameter's dtype.
@@ -110,6 +124,7 @@ class MAS:
         self.importance: dict[str, Tensor] = {}
         self.anchors: dict[str, Tensor] = {}
         self.num_tasks = 0
+        self._params_checked = False  # the parameter set is compared with the model once per penalty phase
 
     # ---------------------------------------------------------------- settings
     mode = property(lambda self: self.config.mode)
@@ -118,6 +133,79 @@ class MAS:
     precision = property(lambda self: self.config.precision)
     chunk_bytes = property(lambda self: self.config.chunk_bytes)
     output_fn = property(lambda self: self.config.output_fn)
+
+    # ---------------------------------------------------------------- the regularised parameters
+    def param_changes(self) -> dict[str, list[str]]:
+        """How the model's parameters differ from :attr:`params`, by name (all lists empty: no change).
+
+        ``added``: trainable in the model but not regularised (unfrozen since, or new modules);
+        ``removed``: regularised but no longer in the model; ``replaced``: the name now holds another
+        parameter object (a new head), so the old, detached one would be penalised instead.
+        """
+        current = dict(groups.unwrap(self.model).named_parameters())
+        removed, replaced = [], []
+        for name, p in self.params.items():
+            q = current.get(name)
+            if q is None:
+                removed.append(name)
+            elif q is not p and not _sharded_alias(p, q):
+                replaced.append(name)
+        added = [name for name, q in current.items() if q.requires_grad and name not in self.params]
+        return {"added": added, "removed": removed, "replaced": replaced}
+
+    def refresh_params(self) -> dict[str, list[str]]:
+        """Regularise the model's current trainable parameters; returns the changes (see :meth:`param_changes`).
+
+        Parameters no longer in the model (``removed``, and the old objects of ``replaced``)
+        are dropped with their Ω and θ*. New trainable parameters (``added``, and the new
+        objects of ``replaced``) get Ω = 0 and θ* = their current value after a consolidation,
+        i.e. they are not penalised until the next :meth:`consolidate` estimates them (with
+        ``accumulate="ema"`` that first estimate is blended with Ω = 0). Parameters frozen since
+        MAS was created keep their Ω and θ*. The changes are logged (``mas_local`` logger, INFO).
+        """
+        fsdp.reshard(groups.unwrap(self.model))  # FSDP2: the registered parameters are the sharded ones
+        changes = self.param_changes()
+        if any(changes.values()):
+            self.params, self.importance, self.anchors, self.skipped = self._refreshed(changes)
+            log.info("mas_local: MAS now regularises the model's current trainable parameters; %s", _describe(changes))
+        self._params_checked = False
+        return changes
+
+    def _refreshed(self, changes: dict[str, list[str]]):
+        """New (params, importance, anchors, skipped) for ``changes``; nothing of self is modified."""
+        current = dict(groups.unwrap(self.model).named_parameters())
+        drop = set(changes["removed"]) | set(changes["replaced"])
+        params = {n: p for n, p in self.params.items() if n not in drop}
+        importance = {n: o for n, o in self.importance.items() if n not in drop}
+        anchors = {n: a for n, a in self.anchors.items() if n not in drop}
+        for name in changes["replaced"] + changes["added"]:
+            q = current[name]
+            if not q.requires_grad:  # a replacement that is frozen is skipped like any frozen parameter
+                continue
+            params[name] = q
+            if self.num_tasks > 0:
+                importance[name], anchors[name] = self._zero_omega(q), q.detach().clone()
+        params = {n: params[n] for n in current if n in params}  # the model's order
+        return params, importance, anchors, [n for n in current if n not in params]
+
+    def _zero_omega(self, p: Tensor) -> Tensor:
+        zeros = torch.zeros(tuple(p.shape), dtype=self.omega_dtype, device=fsdp.shard_of(p).device)
+        return fsdp.shard_like(zeros, p) if fsdp.is_dtensor(p) else zeros
+
+    def _check_params_once(self) -> None:
+        """Warn once per penalty phase (until the next consolidate/refresh/load) if the parameters changed."""
+        if self._params_checked or torch.compiler.is_compiling():
+            return
+        self._params_checked = True
+        changes = self.param_changes()
+        if any(changes.values()):
+            warnings.warn(
+                f"MAS: the model's trainable parameters changed since MAS took them ({_describe(changes)}); the "
+                "penalty still covers the old set. Call mas.refresh_params() to regularise the current parameters "
+                "(new ones get Ω = 0 until the next consolidate(), which also does this)",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ---------------------------------------------------------------- consolidation
     def estimator_for_pass(self) -> Estimator:
@@ -139,28 +227,38 @@ class MAS:
         Nothing changes if estimation fails. Under ``torch.distributed`` each rank
         passes its own share of ``data`` and the statistics are all-reduced.
 
+        If the model's trainable parameters changed since MAS took them (:meth:`param_changes`),
+        a warning names them and the consolidation regularises the current ones, as
+        :meth:`refresh_params` does.
+
         Resumable passes: with ``checkpoint_path`` the partial statistics are saved
         atomically every ``checkpoint_every`` batches (one file per rank when synced);
         if a valid checkpoint exists when the pass starts, its batches are skipped
         (``data`` must yield the same batches in the same order) and the pass resumes.
         The checkpoint is removed once Ω is committed.
         """
-        group = groups.resolve_group(self.config.sync, self.config.process_group)
-        est = make_estimator(self.model, self.config, group)
-        path, start, on_batch = None, 0, None
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        if checkpoint_every is not None and (
+            isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
+        ):
             raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        if checkpoint_every is not None and checkpoint_path is None:
+            raise ValueError("checkpoint_every needs checkpoint_path")
+        group = groups.resolve_group(self.config.sync, self.config.process_group)
+        est = make_estimator(self.model, self.config, group)  # (re-shards FSDP2 modules)
+        changes = self.param_changes()
+        changed = any(changes.values())
+        if changed:
+            warnings.warn(
+                f"MAS: the model's trainable parameters changed since MAS took them ({_describe(changes)}); "
+                "consolidate() regularises the current ones from now on (see MAS.refresh_params)",
+                UserWarning,
+                stacklevel=2,
+            )
+        path, start, on_batch = None, 0, None
         if checkpoint_path is not None:
             path = checkpoint.rank_path(checkpoint_path, group)
             if os.path.exists(path):
-                state = checkpoint.load_checkpoint(path)
-                task = state.get("mas_task") if isinstance(state, dict) else None
-                if task != self.num_tasks:
-                    raise ValueError(
-                        f"checkpoint {path!r} belongs to task {task!r}, this MAS is consolidating task "
-                        f"{self.num_tasks}; remove it to start over"
-                    )
-                est.load_state_dict(state)
+                self._resume(est, path)
                 start = est.batches
             if checkpoint_every is not None:
 
@@ -168,8 +266,6 @@ class MAS:
                     if e.batches % checkpoint_every == 0:
                         checkpoint.save_atomic({**e.state_dict(), "mas_task": self.num_tasks}, path)
 
-        elif checkpoint_every is not None:
-            raise ValueError("checkpoint_every needs checkpoint_path")
         run_pass(
             est,
             data,
@@ -181,24 +277,66 @@ class MAS:
         )
         if group is not None:
             groups.sync_statistics(est.stats, group)
-        omega = self.commit(est.result())
+        task_omega = est.result()
+        saved = (self.params, self.importance, self.anchors, self.skipped)
+        if changed:
+            self.params, self.importance, self.anchors, self.skipped = self._refreshed(changes)
+        try:
+            omega = self.commit(task_omega)
+        except BaseException:
+            self.params, self.importance, self.anchors, self.skipped = saved
+            raise
+        if changed:
+            log.info("mas_local: MAS now regularises the model's current trainable parameters; %s", _describe(changes))
         if path is not None and os.path.exists(path):
             os.remove(path)
         return omega
 
+    def _resume(self, est: Estimator, path: str) -> None:
+        """Load a pass checkpoint into ``est``; a truncated, foreign or mismatched file is refused naming it."""
+        state = checkpoint.load_checkpoint(path)  # a truncated or non-torch file: ValueError naming it
+        if not isinstance(state, dict) or "mas_task" not in state or "fingerprint" not in state:
+            raise ValueError(
+                f"{path!r} is not a mas-local importance-pass checkpoint (a {type(state).__name__} without the "
+                "pass statistics); remove it to start the pass over, or pass another checkpoint_path"
+            )
+        task = state["mas_task"]
+        if task != self.num_tasks:
+            raise ValueError(
+                f"checkpoint {path!r} belongs to task {task!r}, this MAS is consolidating task "
+                f"{self.num_tasks}; remove it to start over"
+            )
+        try:
+            est.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"cannot resume from the importance-pass checkpoint {path!r}: {exc}; it was written by another "
+                "model or other settings: remove it to start the pass over"
+            ) from exc
+
     def commit(self, task_omega: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Accumulate an already estimated task Ω (e.g. merged across processes) and snapshot θ*."""
-        missing = set(self.params) - set(task_omega)
+        """Accumulate an already estimated task Ω (e.g. merged across processes) and snapshot θ*; returns it detached.
+
+        Every trainable parameter of :attr:`params` needs an entry. A regularised parameter
+        that is frozen now and has none keeps its Ω and θ* (Ω = 0 if it never had one).
+        """
+        missing = [n for n, p in self.params.items() if n not in task_omega and p.requires_grad]
         if missing:
             raise ValueError(f"task importance lacks parameters: {sorted(missing)}")
         for name, p in self.params.items():
-            if task_omega[name].shape != p.shape:
+            if name in task_omega and task_omega[name].shape != p.shape:
                 raise ValueError(
                     f"task importance for {name!r} has shape {tuple(task_omega[name].shape)}, "
                     f"parameter has {tuple(p.shape)}"
                 )
-        new = {}
+        new, anchors = {}, {}
         for name, p in self.params.items():
+            if name not in task_omega:  # frozen: not part of this task
+                kept = self.importance.get(name)
+                new[name] = self._zero_omega(p) if kept is None else kept
+                anchors[name] = self.anchors[name] if name in self.anchors else p.detach().clone()
+                continue
+            anchors[name] = p.detach().clone()
             omega = task_omega[name].detach().to(device=p.device, dtype=torch.float32)
             if not fsdp.is_dtensor(omega):
                 omega = fsdp.shard_like(omega, p)  # FSDP2: keep this rank's shard only
@@ -210,18 +348,20 @@ class MAS:
                 new[name] = self.alpha * self.importance[name].float() + (1.0 - self.alpha) * omega
             new[name] = new[name].to(self.omega_dtype)
         self.importance = new
-        self.anchors = {name: p.detach().clone() for name, p in self.params.items()}
+        self.anchors = anchors
         self.num_tasks += 1
-        return task_omega
+        self._params_checked = False
+        return {name: omega.detach() for name, omega in task_omega.items()}
 
     # ---------------------------------------------------------------- the penalty
     def _terms(self):
         for name, p in self.params.items():
-            if name in self.importance:
+            if p.requires_grad and name in self.importance:  # a frozen parameter cannot move: no term
                 yield name, p, self.anchors[name], self.importance[name]
 
     def penalty(self) -> Tensor:
         """``λ Σ Ω (θ − θ*)²`` as a differentiable scalar (0 before the first consolidation)."""
+        self._check_params_once()
         if any(fsdp.is_dtensor(p) for p in self.params.values()):
             return sharded_penalty(self)
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
@@ -236,6 +376,7 @@ class MAS:
         Call after ``loss.backward()`` of the task loss; one fused op over all
         parameters, no autograd graph.
         """
+        self._check_params_once()
         terms = list(self._terms())
         if not terms:
             device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
@@ -257,7 +398,10 @@ class MAS:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Importance, θ* and settings; tensors only, so it loads with ``torch.load(weights_only=True)``."""
+        """Importance, θ*, task count and settings; loads with ``torch.load(weights_only=True)``.
+
+        The settings are saved for reference: :meth:`load_state_dict` keeps the loading object's own.
+        """
         return {
             "version": _STATE_VERSION,
             "mode": self.mode,
@@ -271,13 +415,26 @@ class MAS:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`; refuses a state from another model (names, shapes)."""
+        """Load the Ω, θ* and task count saved by :meth:`state_dict`.
+
+        The settings stay this object's own: ``lam``, ``mode``, ``estimator``, ``accumulate``
+        and ``alpha`` are what the constructor was given, whatever the state was saved with;
+        when the state's differ, a warning names them (Ω estimated with another mode or
+        estimator is then accumulated with Ω of this object's definition).
+
+        Refused with a ``ValueError``, leaving this object unchanged: a state of another model
+        (parameter names or shapes), NaN/Inf in Ω or θ*, negative Ω, a bad task count.
+        """
         if not isinstance(state, dict) or "importance" not in state or "anchors" not in state:
             raise ValueError("not a MAS state dict (missing 'importance'/'anchors')")
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported MAS state version {state.get('version')!r}; expected {_STATE_VERSION}")
-        num_tasks = int(state.get("num_tasks", 0))
+        num_tasks = state.get("num_tasks", 0)
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 0:
+            raise ValueError(f"MAS state has a bad num_tasks {num_tasks!r}; expected an int >= 0")
         importance, anchors = state["importance"], state["anchors"]
+        if not isinstance(importance, dict) or not isinstance(anchors, dict):
+            raise ValueError("MAS state's 'importance' and 'anchors' must be dicts of tensors")
         if num_tasks > 0 or importance or anchors:
             expected = set(self.params)
             for what, table in (("importance", importance), ("anchors", anchors)):
@@ -295,11 +452,15 @@ class MAS:
                             f"MAS state does not match this model: {what}[{name!r}] has shape {shape}, "
                             f"the parameter has {tuple(p.shape)}"
                         )
-                    if not torch.isfinite(fsdp.shard_of(t).float()).all():
+                    local = fsdp.shard_of(t).detach().float()
+                    if not torch.isfinite(local).all():
                         raise ValueError(f"MAS state has NaN/Inf values in {what}[{name!r}]")
-        config = dataclasses.replace(
-            self.config, mode=state.get("mode", self.mode), estimator=state.get("estimator", self.estimator)
-        )
+                    if what == "importance" and (local < 0).any():
+                        raise ValueError(
+                            f"MAS state has negative values in importance[{name!r}] (min {local.min().item():.3g}); "
+                            "Ω is a mean of absolute values, so this state is corrupt or not a MAS importance"
+                        )
+        differ = {k: state[k] for k in _SETTINGS if k in state and not _same_setting(state[k], getattr(self, k))}
         self.importance = {
             k: _like(importance[k].detach().to(self.params[k].device, self.omega_dtype), self.params[k])
             for k in importance
@@ -308,11 +469,17 @@ class MAS:
             k: _like(anchors[k].detach().to(self.params[k].device, self.params[k].dtype), self.params[k])
             for k in anchors
         }
-        self.config = config
-        self.accumulate = state.get("accumulate", self.accumulate)
-        self.alpha = float(state.get("alpha", self.alpha))
-        self.lam = float(state.get("lam", self.lam))
         self.num_tasks = num_tasks
+        self._params_checked = False
+        if differ:
+            saved = ", ".join(f"{k}={v!r}" for k, v in differ.items())
+            own = ", ".join(f"{k}={getattr(self, k)!r}" for k in differ)
+            warnings.warn(
+                f"MAS.load_state_dict: the state was saved with {saved}; this MAS keeps its own settings ({own}). "
+                "Create the MAS with the saved settings to continue as before",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # ---------------------------------------------------------------- memory
     def memory_report(self) -> memory.MemoryReport:
@@ -322,6 +489,31 @@ class MAS:
         ``str()`` is a table; see :func:`mas_local.distributed.memory.memory_report`.
         """
         return memory.memory_report(self)
+
+
+def _same_setting(saved: Any, own: Any) -> bool:
+    if isinstance(own, float) and isinstance(saved, (int, float)) and not isinstance(saved, bool):
+        return float(saved) == own
+    return saved == own
+
+
+def _sharded_alias(p: Tensor, q: Tensor) -> bool:
+    """FSDP2 swaps a sharded parameter for its unsharded copy during forward/backward: the same parameter."""
+    return (fsdp.is_dtensor(p) or fsdp.is_dtensor(q)) and tuple(p.shape) == tuple(q.shape)
+
+
+def _describe(changes: dict[str, list[str]], limit: int = 10) -> str:
+    what = {
+        "added": "trainable but not regularised",
+        "removed": "no longer in the model",
+        "replaced": "another parameter object under the same name",
+    }
+    parts = []
+    for key, names in changes.items():
+        if names:
+            more = f" and {len(names) - limit} more" if len(names) > limit else ""
+            parts.append(f"{key} ({what[key]}): {names[:limit]}{more}")
+    return "; ".join(parts)
 
 
 def _like(t: Tensor, p: Tensor) -> Tensor:

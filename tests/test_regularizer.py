@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -102,15 +103,18 @@ def test_anchor_is_snapshot_at_last_consolidation():
 
 def test_state_dict_round_trip_weights_only():
     model, tasks = _model_and_tasks()
-    mas = ml.MAS(model, mode="local", accumulate="ema", alpha=0.25, lam=3.0, progress=False)
+    settings = dict(mode="local", accumulate="ema", alpha=0.25, lam=3.0)
+    mas = ml.MAS(model, progress=False, **settings)
     mas.consolidate(tasks[0])
     mas.consolidate(tasks[1])
     buf = io.BytesIO()
     torch.save(mas.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    other = ml.MAS(model, progress=False)
-    other.load_state_dict(state)
+    other = ml.MAS(model, progress=False, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same settings: no warning
+        other.load_state_dict(state)
     assert (other.mode, other.estimator, other.accumulate, other.alpha, other.lam, other.num_tasks) == (
         "local",
         "hebbian",
@@ -122,6 +126,30 @@ def test_state_dict_round_trip_weights_only():
     for n in mas.importance:
         assert torch.equal(other.importance[n], mas.importance[n])
         assert torch.equal(other.anchors[n], mas.anchors[n])
+
+
+def test_load_state_dict_keeps_the_constructor_settings_and_warns():
+    model, tasks = _model_and_tasks()
+    mas = ml.MAS(model, mode="local", accumulate="ema", alpha=0.25, lam=3.0, progress=False)
+    mas.consolidate(tasks[0])
+    other = ml.MAS(model, lam=0.5, progress=False)
+    with pytest.warns(UserWarning, match=r"saved with mode='local', estimator='hebbian', accumulate='ema'") as rec:
+        other.load_state_dict(mas.state_dict())
+    assert "keeps its own settings" in str(rec[0].message) and "lam=0.5" in str(rec[0].message)
+    assert (other.mode, other.estimator, other.accumulate, other.alpha, other.lam) == (
+        "global",
+        "sample",
+        "sum",
+        0.5,
+        0.5,
+    )
+    assert other.config.mode == "global" and other.num_tasks == 1
+    for n in mas.importance:
+        assert torch.equal(other.importance[n], mas.importance[n])
+    # the penalty uses this object's λ on the loaded Ω
+    _perturb(model)
+    want = sum(0.5 * (mas.importance[n] * (p - mas.anchors[n]) ** 2).sum() for n, p in model.named_parameters())
+    torch.testing.assert_close(other.penalty(), want)
 
 
 def test_state_dict_from_another_model_is_refused_and_changes_nothing():

@@ -3,12 +3,13 @@
 Each rank runs the pass on its own share of the data; the sufficient statistics
 (float32 sums, counts, samples, batches, coverage) are then all-reduced, so every
 rank ends with the Ω a single process would get on all the data (up to float
-summation order). DDP / DataParallel wrappers are looked through: estimation runs on
-``.module`` and parameters keep the inner module's names (``docs/distributed.md``).
+summation order). DDP / DataParallel wrappers and ``torch.compile`` are looked through:
+estimation runs on the inner module and parameters keep its names (``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -21,11 +22,24 @@ SYNC_BUCKET_BYTES = 64 << 20
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module MAS estimates and names parameters by: DDP / DataParallel wrappers are looked through."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    """The module MAS estimates and names parameters by.
+
+    DDP / DataParallel wrappers (``.module``) and ``torch.compile``'s ``OptimizedModule``
+    (``._orig_mod``) are looked through, in any nesting (DDP of a compiled module, a
+    compiled DDP): parameter names carry no ``module.`` / ``_orig_mod.`` prefix, and the
+    importance pass runs eagerly on the original module.
+    """
+    wrappers: tuple[type, ...] = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    # torch._dynamo is imported by torch.compile; a model can only be compiled if it is loaded
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = getattr(eval_frame, "OptimizedModule", None)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def resolve_group(sync: bool | None, process_group: Any = None) -> Any:

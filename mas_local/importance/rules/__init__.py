@@ -77,6 +77,11 @@ for _type, _rule in (
 ):
     register_rule(_type, _rule)
 
+# Hugging Face Conv1D / MASConv1D: registered once transformers.pytorch_utils is loaded (never imported from here)
+from .conv1d import Conv1DRule, register_when_loaded  # noqa: E402
+
+register_when_loaded(register_rule, Conv1DRule())
+
 __all__ = [
     "GENERIC",
     "ConvRule",
