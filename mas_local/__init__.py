@@ -21,6 +21,7 @@ __all__ = [
     "Estimator",
     "ImportanceConfig",
     "ImportanceError",
+    "MASConv1D",
     "MASConv2d",
     "MASLinear",
     "Rule",
@@ -35,3 +36,13 @@ __all__ = [
     "unregister_rule",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # MASConv1D swaps in for transformers' Conv1D; created on first use so that importing
+    # mas_local never imports transformers
+    if name == "MASConv1D":
+        from .layers import mas_conv1d_class
+
+        return mas_conv1d_class(load=True)
+    raise AttributeError(f"module 'mas_local' has no attribute {name!r}")

@@ -84,14 +84,14 @@ def test_convert_revert_round_trip(name):
     with torch.no_grad():
         before = oracles._out(model, batch)
     ml.convert(model)
-    assert any(isinstance(m, (ml.MASLinear, ml.MASConv2d)) for m in model.modules())
+    assert any(isinstance(m, (ml.MASLinear, ml.MASConv2d, ml.MASConv1D)) for m in model.modules())
     with torch.no_grad():
         assert torch.equal(oracles._out(model, batch), before)
     plain = zoo.build(name)
     plain.load_state_dict(model.state_dict(), strict=True)
     model.load_state_dict(plain_state, strict=True)
     ml.revert(model)
-    assert not any(isinstance(m, (ml.MASLinear, ml.MASConv2d)) for m in model.modules())
+    assert not any(isinstance(m, (ml.MASLinear, ml.MASConv2d, ml.MASConv1D)) for m in model.modules())
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "t5", "bert"])

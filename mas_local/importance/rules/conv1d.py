@@ -64,6 +64,8 @@ class Conv1DRule(LinearRule):
         y = site.judged_output
         x2 = site.x.reshape(-1, site.x.shape[-1])
         y2 = y.reshape(-1, y.shape[-1])
+        if site.row_mask is not None:  # real positions only
+            x2, y2 = x2[site.row_mask], y2[site.row_mask]
         if "weight" in params:
             w = params["weight"]
             ops.abs_gemm_acc_(acc.sum_of(w), x2, y2, 1.0, acc.backend, acc.precision)
