@@ -18,6 +18,15 @@ from .distributed.penalty import sharded_add_penalty_grad_, sharded_penalty
 from .importance.activations import resolve_activations
 from .importance.estimator import Estimator
 from .importance.passes import make_estimator, run_pass
+from .state import (
+    describe_changes,
+    param_changes,
+    refreshed_tables,
+    same_setting,
+    shaped_like,
+    validate_state,
+    zero_omega,
+)
 
 log = logging.getLogger("mas_local")
 
@@ -142,16 +151,7 @@ class MAS:
         ``removed``: regularised but no longer in the model; ``replaced``: the name now holds another
         parameter object (a new head), so the old, detached one would be penalised instead.
         """
-        current = dict(groups.unwrap(self.model).named_parameters())
-        removed, replaced = [], []
-        for name, p in self.params.items():
-            q = current.get(name)
-            if q is None:
-                removed.append(name)
-            elif q is not p and not _sharded_alias(p, q):
-                replaced.append(name)
-        added = [name for name, q in current.items() if q.requires_grad and name not in self.params]
-        return {"added": added, "removed": removed, "replaced": replaced}
+        return param_changes(self.params, dict(groups.unwrap(self.model).named_parameters()))
 
     def refresh_params(self) -> dict[str, list[str]]:
         """Regularise the model's current trainable parameters; returns the changes (see :meth:`param_changes`).
@@ -167,30 +167,16 @@ class MAS:
         changes = self.param_changes()
         if any(changes.values()):
             self.params, self.importance, self.anchors, self.skipped = self._refreshed(changes)
-            log.info("mas_local: MAS now regularises the model's current trainable parameters; %s", _describe(changes))
+            log.info(
+                "mas_local: MAS now regularises the model's current trainable parameters; %s", describe_changes(changes)
+            )
         self._params_checked = False
         return changes
 
     def _refreshed(self, changes: dict[str, list[str]]):
         """New (params, importance, anchors, skipped) for ``changes``; nothing of self is modified."""
         current = dict(groups.unwrap(self.model).named_parameters())
-        drop = set(changes["removed"]) | set(changes["replaced"])
-        params = {n: p for n, p in self.params.items() if n not in drop}
-        importance = {n: o for n, o in self.importance.items() if n not in drop}
-        anchors = {n: a for n, a in self.anchors.items() if n not in drop}
-        for name in changes["replaced"] + changes["added"]:
-            q = current[name]
-            if not q.requires_grad:  # a replacement that is frozen is skipped like any frozen parameter
-                continue
-            params[name] = q
-            if self.num_tasks > 0:
-                importance[name], anchors[name] = self._zero_omega(q), q.detach().clone()
-        params = {n: params[n] for n in current if n in params}  # the model's order
-        return params, importance, anchors, [n for n in current if n not in params]
-
-    def _zero_omega(self, p: Tensor) -> Tensor:
-        zeros = torch.zeros(tuple(p.shape), dtype=self.omega_dtype, device=fsdp.shard_of(p).device)
-        return fsdp.shard_like(zeros, p) if fsdp.is_dtensor(p) else zeros
+        return refreshed_tables(self, current, changes)
 
     def _check_params_once(self) -> None:
         """Warn once per penalty phase (until the next consolidate/refresh/load) if the parameters changed."""
@@ -200,7 +186,7 @@ class MAS:
         changes = self.param_changes()
         if any(changes.values()):
             warnings.warn(
-                f"MAS: the model's trainable parameters changed since MAS took them ({_describe(changes)}); the "
+                f"MAS: the model's trainable parameters changed since MAS took them ({describe_changes(changes)}); the "
                 "penalty still covers the old set. Call mas.refresh_params() to regularise the current parameters "
                 "(new ones get Ω = 0 until the next consolidate(), which also does this)",
                 UserWarning,
@@ -249,7 +235,7 @@ class MAS:
         changed = any(changes.values())
         if changed:
             warnings.warn(
-                f"MAS: the model's trainable parameters changed since MAS took them ({_describe(changes)}); "
+                f"MAS: the model's trainable parameters changed since MAS took them ({describe_changes(changes)}); "
                 "consolidate() regularises the current ones from now on (see MAS.refresh_params)",
                 UserWarning,
                 stacklevel=2,
@@ -287,7 +273,9 @@ class MAS:
             self.params, self.importance, self.anchors, self.skipped = saved
             raise
         if changed:
-            log.info("mas_local: MAS now regularises the model's current trainable parameters; %s", _describe(changes))
+            log.info(
+                "mas_local: MAS now regularises the model's current trainable parameters; %s", describe_changes(changes)
+            )
         if path is not None and os.path.exists(path):
             os.remove(path)
         return omega
@@ -333,7 +321,7 @@ class MAS:
         for name, p in self.params.items():
             if name not in task_omega:  # frozen: not part of this task
                 kept = self.importance.get(name)
-                new[name] = self._zero_omega(p) if kept is None else kept
+                new[name] = zero_omega(p, self.omega_dtype) if kept is None else kept
                 anchors[name] = self.anchors[name] if name in self.anchors else p.detach().clone()
                 continue
             anchors[name] = p.detach().clone()
@@ -425,48 +413,14 @@ class MAS:
         Refused with a ``ValueError``, leaving this object unchanged: a state of another model
         (parameter names or shapes), NaN/Inf in Ω or θ*, negative Ω, a bad task count.
         """
-        if not isinstance(state, dict) or "importance" not in state or "anchors" not in state:
-            raise ValueError("not a MAS state dict (missing 'importance'/'anchors')")
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported MAS state version {state.get('version')!r}; expected {_STATE_VERSION}")
-        num_tasks = state.get("num_tasks", 0)
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 0:
-            raise ValueError(f"MAS state has a bad num_tasks {num_tasks!r}; expected an int >= 0")
-        importance, anchors = state["importance"], state["anchors"]
-        if not isinstance(importance, dict) or not isinstance(anchors, dict):
-            raise ValueError("MAS state's 'importance' and 'anchors' must be dicts of tensors")
-        if num_tasks > 0 or importance or anchors:
-            expected = set(self.params)
-            for what, table in (("importance", importance), ("anchors", anchors)):
-                got = set(table)
-                if got != expected:
-                    raise ValueError(
-                        f"MAS state does not match this model: {what} has unexpected parameters "
-                        f"{sorted(got - expected)[:10]} and lacks {sorted(expected - got)[:10]}"
-                    )
-                for name, p in self.params.items():
-                    t = table[name]
-                    if not isinstance(t, Tensor) or t.shape != p.shape:
-                        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                        raise ValueError(
-                            f"MAS state does not match this model: {what}[{name!r}] has shape {shape}, "
-                            f"the parameter has {tuple(p.shape)}"
-                        )
-                    local = fsdp.shard_of(t).detach().float()
-                    if not torch.isfinite(local).all():
-                        raise ValueError(f"MAS state has NaN/Inf values in {what}[{name!r}]")
-                    if what == "importance" and (local < 0).any():
-                        raise ValueError(
-                            f"MAS state has negative values in importance[{name!r}] (min {local.min().item():.3g}); "
-                            "Ω is a mean of absolute values, so this state is corrupt or not a MAS importance"
-                        )
-        differ = {k: state[k] for k in _SETTINGS if k in state and not _same_setting(state[k], getattr(self, k))}
+        num_tasks, importance, anchors = validate_state(state, self.params, _STATE_VERSION)
+        differ = {k: state[k] for k in _SETTINGS if k in state and not same_setting(state[k], getattr(self, k))}
         self.importance = {
-            k: _like(importance[k].detach().to(self.params[k].device, self.omega_dtype), self.params[k])
+            k: shaped_like(importance[k].detach().to(self.params[k].device, self.omega_dtype), self.params[k])
             for k in importance
         }
         self.anchors = {
-            k: _like(anchors[k].detach().to(self.params[k].device, self.params[k].dtype), self.params[k])
+            k: shaped_like(anchors[k].detach().to(self.params[k].device, self.params[k].dtype), self.params[k])
             for k in anchors
         }
         self.num_tasks = num_tasks
@@ -489,35 +443,3 @@ class MAS:
         ``str()`` is a table; see :func:`mas_local.distributed.memory.memory_report`.
         """
         return memory.memory_report(self)
-
-
-def _same_setting(saved: Any, own: Any) -> bool:
-    if isinstance(own, float) and isinstance(saved, (int, float)) and not isinstance(saved, bool):
-        return float(saved) == own
-    return saved == own
-
-
-def _sharded_alias(p: Tensor, q: Tensor) -> bool:
-    """FSDP2 swaps a sharded parameter for its unsharded copy during forward/backward: the same parameter."""
-    return (fsdp.is_dtensor(p) or fsdp.is_dtensor(q)) and tuple(p.shape) == tuple(q.shape)
-
-
-def _describe(changes: dict[str, list[str]], limit: int = 10) -> str:
-    what = {
-        "added": "trainable but not regularised",
-        "removed": "no longer in the model",
-        "replaced": "another parameter object under the same name",
-    }
-    parts = []
-    for key, names in changes.items():
-        if names:
-            more = f" and {len(names) - limit} more" if len(names) > limit else ""
-            parts.append(f"{key} ({what[key]}): {names[:limit]}{more}")
-    return "; ".join(parts)
-
-
-def _like(t: Tensor, p: Tensor) -> Tensor:
-    """A loaded tensor laid out like its parameter (a copy; a DTensor shard for FSDP2 parameters)."""
-    if fsdp.is_dtensor(p) and not fsdp.is_dtensor(t):
-        return fsdp.shard_like(t, p).clone()
-    return t.clone()
