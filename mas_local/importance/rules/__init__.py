@@ -19,6 +19,14 @@ from .conv import ConvRule
 from .embedding import EmbeddingRule
 from .generic import GenericRule, mixes_samples
 from .linear import LinearRule
+from .norms import (
+    BatchNormRule,
+    GroupNormRule,
+    InstanceNormRule,
+    LayerNormRule,
+    RMSNormRule,
+    looks_like_rms_norm,
+)
 
 GENERIC = GenericRule()
 _REGISTRY: dict[type, Rule] = {}
@@ -59,6 +67,8 @@ def rule_for(module: nn.Module) -> Rule:
         if all(getattr(cls, name, None) is getattr(base, name, None) for name in rule.relies_on):
             return rule
         return GENERIC
+    if looks_like_rms_norm(module):  # other libraries' RMSNorm classes, checked against what they compute
+        return _RMS_RECOGNISED
     return GENERIC
 
 
@@ -74,8 +84,15 @@ for _type, _rule in (
     (nn.Conv2d, _CONV),
     (MASConv2d, _CONV),
     (nn.Embedding, _EMBEDDING),
+    (nn.LayerNorm, LayerNormRule()),
+    (nn.modules.batchnorm._BatchNorm, BatchNormRule()),
+    (nn.GroupNorm, GroupNormRule()),
+    (nn.modules.instancenorm._InstanceNorm, InstanceNormRule()),
 ):
     register_rule(_type, _rule)
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    register_rule(nn.RMSNorm, RMSNormRule())
+_RMS_RECOGNISED = RMSNormRule(recognise=True)
 
 # Hugging Face Conv1D / MASConv1D: registered once transformers.pytorch_utils is loaded (never imported from here)
 from .conv1d import Conv1DRule, register_when_loaded  # noqa: E402
@@ -84,6 +101,11 @@ register_when_loaded(register_rule, Conv1DRule())
 
 __all__ = [
     "GENERIC",
+    "BatchNormRule",
+    "GroupNormRule",
+    "InstanceNormRule",
+    "LayerNormRule",
+    "RMSNormRule",
     "ConvRule",
     "EmbeddingRule",
     "GenericRule",
