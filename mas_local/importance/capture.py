@@ -85,8 +85,9 @@ class Site:
 class Capture:
     """Context manager: while active, calls of ``modules`` are recorded as :class:`Site` objects.
 
-    ``clone`` records copies of inputs and the model continues with copies of the outputs, for
-    models that modify captured tensors in place. ``alias`` (global mode) hands the rest of the
+    For modules in ``clone_modules`` the inputs are recorded as copies and the model continues
+    with copies of the outputs (models that modify captured tensors in place). ``alias`` (global
+    mode) hands the rest of the
     model fresh aliases of the outputs (``site.targets``), so that Δ holds only the gradient that
     flows back from outside the module. ``on_site`` is called
     with each new site (FSDP2 gathers parameter values there).
@@ -99,14 +100,14 @@ class Capture:
         n: int,
         *,
         positions: int | None = None,
-        clone: bool = False,
+        clone_modules: set[int] | None = None,
         alias: bool = False,
         shared_leaves: dict[int, set[int]] | None = None,
         on_site: Callable[[Site], None] | None = None,
     ) -> None:
         self.model, self.modules, self.n = model, modules, n
         self.flat_rows = n * positions if positions is not None and positions > 1 else None
-        self.clone, self.alias, self.on_site = clone, alias, on_site
+        self.clone_modules, self.alias, self.on_site = clone_modules or set(), alias, on_site
         self.shared_leaves = shared_leaves or {}
         self.sites: list[Site] = []
         self.paused = 0  # > 0 while a rule re-runs a module (those calls are not sites)
@@ -124,7 +125,7 @@ class Capture:
             targets = [t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
         else:
             targets = leaves
-        if self.clone:  # keep the originals; the model continues with copies it may modify in place
+        if id(module) in self.clone_modules:  # keep the originals; the model continues with copies
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
             output = tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in targets], spec)

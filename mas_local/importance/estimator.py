@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..config import DEFAULT_CHUNK_BYTES, Activation, ImportanceConfig
 from ..distributed.fsdp import full_params, is_dtensor, reshard
 from ..errors import ImportanceError
+from ..ops.backend import resolve
 from .activations import resolve_activations
 from .batches import (
     batch_size,
@@ -158,6 +159,8 @@ class Estimator:
         self._positions: int | None = None
         self._device_type = next(iter(self.params.values())).device.type
         self._capture: Capture | None = None
+        self._clone_modules: set[int] = set()  # modules whose captures the model modifies in place
+        self._scratch_backend: dict[tuple, str] = {}
         self._notices: set = set()
 
     # -- settings seen by rules and callers ----------------------------------------
@@ -187,6 +190,18 @@ class Estimator:
 
     def add_count(self, p: Tensor, count: int) -> None:
         self.stats.add_count(p, count)
+
+    def per_sample_scratch(self, out_features: int, in_features: int, device: torch.device) -> int:
+        """Bytes per sample the per-sample op needs beyond its operands on ``device``.
+
+        The torch reference materialises each sample's ``[out, in]`` product in fp32; the fused
+        kernels (ext, triton) keep Ω's tiles in registers and need none (``docs/rules.md``).
+        """
+        key = (device.type, device.index)
+        name = self._scratch_backend.get(key)
+        if name is None:
+            name = self._scratch_backend[key] = resolve("per_sample_abs_acc", device, self.backend)[0]
+        return 4 * out_features * in_features if name == "torch" else 0
 
     def chunks(self, n: int, bytes_per_sample: int) -> list[slice]:
         step = max(1, self.chunk_bytes // max(1, bytes_per_sample))
@@ -277,13 +292,13 @@ class Estimator:
     def _call(self, batch: Any) -> Any:
         return call_model(self.model, batch, self.config.forward_fn)
 
-    def _forward(self, batch: Any, n: int, clone: bool) -> tuple[Tensor, list[Site]]:
+    def _forward(self, batch: Any, n: int) -> tuple[Tensor, list[Site]]:
         cap = Capture(
             self.model,
             self.plan.modules,
             n,
             positions=self._positions,
-            clone=clone,
+            clone_modules=self._clone_modules,
             alias=self.mode == "global",
             shared_leaves=self.plan.shared_leaves,
             on_site=self._on_site,
@@ -303,10 +318,23 @@ class Estimator:
         return self.estimator == "sample" or (self.estimator == "hebbian" and not rule.hebbian)
 
     def _update_through_sites(self, batch: Any, n: int) -> None:
-        for attempt in range(2):
+        for _ in range(2):
             grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
             with grad_ctx:
-                out, sites = self._forward(batch, n, clone=attempt == 1)
+                out, sites = self._forward(batch, n)
+                # Decided once per pass: modules whose captured tensors the model changes in place (a ReLU with
+                # inplace=True after them) are captured as copies from then on; only that batch runs twice.
+                changed = {id(s.module) for s in sites if s.changed_in_place()}
+                if changed:
+                    if changed <= self._clone_modules:
+                        raise ImportanceError("captured tensors changed in place even on copies")
+                    self._clone_modules |= changed
+                    self.notice_once(
+                        "inplace",
+                        "a layer input or output is modified in place (e.g. ReLU(inplace=True)); "
+                        "capturing copies of it for the rest of the pass",
+                    )
+                    continue
                 if self.mode == "local":
                     self._local_deltas(sites)
                 for s in sites:
@@ -314,19 +342,11 @@ class Estimator:
                         rule.check(self, s, self._needs_samples(rule, s))
                 if self.mode == "global":
                     self._global_deltas(out, sites)
-            if any(s.changed_in_place() for s in sites):
-                if attempt == 0:
-                    self.notice_once(
-                        "inplace",
-                        "a layer input or output was modified in place (e.g. ReLU(inplace=True)); "
-                        "re-running with copies of the captured tensors",
-                    )
-                    continue
-                raise ImportanceError("captured tensors changed in place even on copies")
             # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
             with torch.autocast(self._device_type, enabled=False):
                 reduce_sites(self, sites, self.plan)
             return
+        raise ImportanceError("captured tensors changed in place even on copies")
 
     def _local_deltas(self, sites: list[Site]) -> None:
         mask = self._mask
@@ -381,7 +401,7 @@ class Estimator:
     def _forward_plain(self, batch: Any, n: int) -> tuple[Tensor, list[Site]]:
         plan, self.plan = self.plan, Plan()
         try:
-            return self._forward(batch, n, clone=False)
+            return self._forward(batch, n)
         finally:
             self.plan = plan
 

@@ -11,6 +11,7 @@ names relative to the module → parameters), and an accumulator ``acc``:
 ``acc.add_sum(p, value)``      ``sum_of(p) += value``
 ``acc.add_count(p, k)``        hebbian only: k more co-activation events for ``p``
 ``acc.chunks(n, bytes)``       slices of the batch whose work fits ``chunk_bytes``
+``acc.per_sample_scratch(out, in, device)``   bytes per sample the per-sample op needs beyond its operands
 ``acc.backend``, ``acc.precision``   settings for the fused ops (:mod:`mas_local.ops`)
 ``acc.recomputing()``          context manager: module calls inside it are not captured
 

@@ -91,7 +91,8 @@ class ConvRule(Rule):
         if w is not None:
             omega = acc.sum_of(w).view(m.out_channels, -1)
             cols = xp.shape[1] * kernel[0] * kernel[1]
-            per_sample = 4 * (omega.numel() // m.groups + d.shape[2] * d.shape[3] * cols + d[0].numel())
+            scratch = acc.per_sample_scratch(omega.shape[0] // m.groups, omega.shape[1], xp.device)
+            per_sample = scratch + 4 * (d.shape[2] * d.shape[3] * cols + d[0].numel())
             for rows in acc.chunks(xp.shape[0], bytes_per_sample=per_sample):
                 for out_rows, d_g, x_g in _unfolded_groups(m, xp[rows], pad, d[rows]):
                     ops.per_sample_abs_acc_(omega[out_rows], d_g, x_g, 1.0, acc.backend)

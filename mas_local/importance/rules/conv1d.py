@@ -43,7 +43,7 @@ class Conv1DRule(LinearRule):
                 ops.abs_gemm_acc_(acc.sum_of(w), x[:, 0], d[:, 0], 1.0, acc.backend, acc.precision)
             else:
                 in_f, out_f = x.shape[-1], d.shape[-1]
-                per_sample = 4 * (in_f * out_f + x[0].numel() + d[0].numel())
+                per_sample = acc.per_sample_scratch(in_f, out_f, x.device) + 4 * (x[0].numel() + d[0].numel())
                 for rows in acc.chunks(x.shape[0], bytes_per_sample=per_sample):
                     ops.per_sample_abs_acc_(acc.sum_of(w), x[rows], d[rows], 1.0, acc.backend)
         if b is not None:

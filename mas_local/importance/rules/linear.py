@@ -31,7 +31,7 @@ class LinearRule(Rule):
                 ops.abs_gemm_acc_(acc.sum_of(w), d[:, 0], x[:, 0], 1.0, acc.backend, acc.precision)
             else:
                 out_f, in_f = d.shape[-1], x.shape[-1]
-                per_sample = 4 * (out_f * in_f + x[0].numel() + d[0].numel())
+                per_sample = acc.per_sample_scratch(out_f, in_f, x.device) + 4 * (x[0].numel() + d[0].numel())
                 for rows in acc.chunks(x.shape[0], bytes_per_sample=per_sample):
                     ops.per_sample_abs_acc_(acc.sum_of(w), d[rows], x[rows], 1.0, acc.backend)
         if b is not None:
