@@ -35,7 +35,7 @@ def contract_limit(dtype, precision) -> float:
         return 2.0**-7
     if dtype != torch.float32:
         return 1e-4
-    return 1e-5 if precision == "exact" else 2.0**-10
+    return 1e-5 if precision == "exact" else 2.0**-9
 
 
 def fp8_here() -> bool:

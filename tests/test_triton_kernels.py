@@ -10,7 +10,7 @@ for the per-sample op can exceed the increment itself, since ``Σ_t a·b`` cance
 * interpreter: 1e-5 (operands upcast to fp32 after the load, exact products; only the
   summation order differs), except ``"fast"`` with fp32 operands: 2⁻⁶ (the interpreter
   rounds fp32 → bf16 by truncation: ≤ 2⁻⁷ per operand);
-* GPU, ``"exact"`` fp32: 1e-5; ``"accurate"`` fp32 (TF32, ≤ 2⁻¹¹ per operand): 2⁻¹⁰;
+* GPU, ``"exact"`` fp32: 1e-5; ``"accurate"`` fp32 (TF32, rounded or truncated: ≤ 2⁻¹⁰ per operand): 2⁻⁹;
   16-bit operands in any mode: 1e-4 (exact products, tensor-core fp32 accumulation);
   ``"fast"`` fp32 in the per-sample op (bf16, round to nearest): 2⁻⁷;
 * GPU abs-GEMM ``"fast"`` (fp8 e4m3): relative Frobenius error ≤ 1e-2 at R = 4096;
@@ -33,9 +33,7 @@ import sys
 import pytest
 import torch
 
-import mas_local
-from mas_local import ops
-from mas_local.ops import reference
+# First: sets TRITON_INTERPRET=1 (no CUDA) before anything imports triton.
 from tests.triton_interpreter import (  # noqa: F401  (fresh_process_guard is an autouse fixture)
     CUDA,
     DEV,
@@ -47,6 +45,11 @@ from tests.triton_interpreter import (  # noqa: F401  (fresh_process_guard is an
     randn,
     rerun_in_fresh_process,
 )
+
+# isort: split
+import mas_local
+from mas_local import ops
+from mas_local.ops import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -66,7 +69,7 @@ def tolerance(dtype, precision):
         return 1e-5
     if dtype != torch.float32:
         return 1e-4
-    return 1e-5 if precision == "exact" else 2.0**-10
+    return 1e-5 if precision == "exact" else 2.0**-9
 
 
 def assert_within_bound(got, want, bound, tol):
@@ -100,7 +103,10 @@ def test_cpu_without_interpreter_gives_a_reason():
 
 # --------------------------------------------------------------------------- abs-GEMM
 
+# In the timed GPU check (bench/gpu_check.sh) fewer shapes: every new shape compiles new kernel variants.
+QUICK = CUDA and os.environ.get("MAS_LOCAL_GPU_CHECK") == "1"
 GEMM_SHAPES = [(1, 1, 1), (1, 17, 5), (37, 21, 45), (64, 32, 16), (33, 1, 19)]  # (R, out, in)
+GEMM_SHAPES = GEMM_SHAPES[1:3] if QUICK else GEMM_SHAPES
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -203,6 +209,7 @@ def test_fp8_prepass_layout_and_scales():
 
 
 PS_SHAPES = [(1, 1, 1, 1), (3, 19, 21, 33), (2, 40, 17, 5), (5, 1, 16, 16), (3, 32, 16, 17)]  # (B, T, out, in)
+PS_SHAPES = PS_SHAPES[1:3] if QUICK else PS_SHAPES
 
 
 def per_sample_bound(a, b, alpha):
@@ -442,13 +449,13 @@ def test_gpu_penalty_large_and_deterministic(odtype):
 _SM90_CHECK = r'''
 import sys
 import triton
+from mas_local.kernels import abs_gemm as ag, fp8 as f8, launch, per_sample_abs as ps, penalty as pen
 try:
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
 except Exception as exc:
     print("SKIP: no NVIDIA Triton backend:", exc)
     sys.exit(0)
-from mas_local.kernels import abs_gemm as ag, fp8 as f8, launch, per_sample_abs as ps, penalty as pen
 
 assert not launch.INTERPRET
 TARGET = GPUTarget("cuda", 90, 32)

@@ -31,6 +31,7 @@ PRECISIONS = ("accurate", "exact", "fast")
 __all__ = [
     "PRECISIONS",
     "abs_gemm_acc_",
+    "check_penalty_args",
     "group_by_device",
     "penalty_grad_",
     "penalty_grad_by_device",
@@ -104,24 +105,11 @@ def _(omega, a, b, alpha=1.0, backend="auto", precision="accurate"):
     return None
 
 
-@torch.library.custom_op("mas_local::penalty_grad_", mutates_args=("grads",))
-def penalty_grad_(
-    grads: list[Tensor],
-    params: list[Tensor],
-    anchors: list[Tensor],
-    omegas: list[Tensor],
-    lam: float,
-    backend: str = "auto",
-) -> Tensor:
-    """``grad += 2λ Ω (θ − θ*)`` for each tensor; returns ``λ Σ Ω (θ − θ*)²`` (0-d float32).
-
-    Ω may be float32 or bfloat16; θ* has θ's dtype; grads have θ's shape.
-    """
+def check_penalty_args(grads, params, anchors, omegas) -> None:
+    """Validate the penalty's tensor lists: equal lengths, per-tensor shapes, one device, Ω dtype."""
     n = len(params)
     if not (len(grads) == len(anchors) == len(omegas) == n):
         raise ValueError("penalty_grad_: grads, params, anchors and omegas must have the same length")
-    if n == 0:
-        return torch.zeros((), dtype=torch.float32)
     for i, (g, p, a, o) in enumerate(zip(grads, params, anchors, omegas)):
         if not (g.shape == p.shape == a.shape == o.shape):
             raise ValueError(
@@ -140,6 +128,24 @@ def penalty_grad_(
             )
         if o.dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"penalty_grad_: omega {i} must be float32 or bfloat16, got {o.dtype}")
+
+
+@torch.library.custom_op("mas_local::penalty_grad_", mutates_args=("grads",))
+def penalty_grad_(
+    grads: list[Tensor],
+    params: list[Tensor],
+    anchors: list[Tensor],
+    omegas: list[Tensor],
+    lam: float,
+    backend: str = "auto",
+) -> Tensor:
+    """``grad += 2λ Ω (θ − θ*)`` for each tensor; returns ``λ Σ Ω (θ − θ*)²`` (0-d float32).
+
+    Ω may be float32 or bfloat16; θ* has θ's dtype; grads have θ's shape.
+    """
+    check_penalty_args(grads, params, anchors, omegas)
+    if not params:
+        return torch.zeros((), dtype=torch.float32)
     _, impl = resolve("penalty_grad", params[0].device, backend)
     return impl(grads, params, anchors, omegas, lam)
 
