@@ -55,10 +55,10 @@ SCRATCH_BYTES = 512 << 20
 
 
 @triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def grouped_tile(pid, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles share their B columns in L2."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = tl.cdiv(n_rows, BLOCK_M)
+    num_n = tl.cdiv(n_cols, BLOCK_N)
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     group_size = tl.minimum(num_m - first_m, GROUP_M)
@@ -122,16 +122,16 @@ def _gemm_kernel(
 
 
 @triton.jit
-def _abs_tile(src_ptr, dst_ptr, rows, cols, s0, s1, tile, SIGN_MASK: tl.constexpr, BITWISE: tl.constexpr,
-              BR: tl.constexpr, BC: tl.constexpr):
+def _abs_tile(src_ptr, dst_ptr, rows, cols, row_stride, col_stride, tile, SIGN_MASK: tl.constexpr,
+              BITWISE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """dst[r, c] = |src[r, c]| (dst contiguous [rows, cols]): the sign bit cleared on int views
     (BITWISE, exact, NaN stays NaN), or through fp32 into dst's float dtype."""
-    tiles_c = tl.cdiv(cols, BC)
-    r = (tile // tiles_c) * BR + tl.arange(0, BR)
-    c = (tile % tiles_c) * BC + tl.arange(0, BC)
+    tiles_c = tl.cdiv(cols, BLOCK_COLS)
+    r = (tile // tiles_c) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    c = (tile % tiles_c) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (r < rows)[:, None] & (c < cols)[None, :]
     r64 = r.to(tl.int64)
-    src = src_ptr + r64[:, None] * s0 + c.to(tl.int64)[None, :] * s1
+    src = src_ptr + r64[:, None] * row_stride + c.to(tl.int64)[None, :] * col_stride
     if BITWISE:
         x = tl.load(src, mask=mask, other=0)
         y = (x & SIGN_MASK).to(dst_ptr.dtype.element_ty)
@@ -143,17 +143,19 @@ def _abs_tile(src_ptr, dst_ptr, rows, cols, s0, s1, tile, SIGN_MASK: tl.constexp
 
 @triton.jit
 def _abs_copy_kernel(
-    a_ptr, da_ptr, a_rows, a_cols, a_s0, a_s1,
-    b_ptr, db_ptr, b_rows, b_cols, b_s0, b_s1,
+    a_ptr, da_ptr, a_rows, a_cols, a_row_stride, a_col_stride,
+    b_ptr, db_ptr, b_rows, b_cols, b_row_stride, b_col_stride,
     tiles_a,
-    SIGN_MASK: tl.constexpr, BITWISE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    SIGN_MASK: tl.constexpr, BITWISE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """Both operands' abs copies in one launch: the first tiles_a programs do A, the rest B."""
     pid = tl.program_id(0)
     if pid < tiles_a:
-        _abs_tile(a_ptr, da_ptr, a_rows, a_cols, a_s0, a_s1, pid, SIGN_MASK, BITWISE, BR, BC)
+        _abs_tile(a_ptr, da_ptr, a_rows, a_cols, a_row_stride, a_col_stride, pid, SIGN_MASK, BITWISE,
+                  BLOCK_ROWS, BLOCK_COLS)
     else:
-        _abs_tile(b_ptr, db_ptr, b_rows, b_cols, b_s0, b_s1, pid - tiles_a, SIGN_MASK, BITWISE, BR, BC)
+        _abs_tile(b_ptr, db_ptr, b_rows, b_cols, b_row_stride, b_col_stride, pid - tiles_a, SIGN_MASK, BITWISE,
+                  BLOCK_ROWS, BLOCK_COLS)
 
 
 # --------------------------------------------------------------------------- launches
@@ -231,7 +233,7 @@ def abs_copy(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None)
         _abs_copy_kernel[(tiles_a + tiles_b,)](
             sa, dsta, a.shape[0], a.shape[1], sa.stride(0), sa.stride(1),
             sb, dstb, b.shape[0], b.shape[1], sb.stride(0), sb.stride(1),
-            tiles_a, SIGN_MASK=mask, BITWISE=bitwise, BR=br, BC=bc, num_warps=4,
+            tiles_a, SIGN_MASK=mask, BITWISE=bitwise, BLOCK_ROWS=br, BLOCK_COLS=bc, num_warps=4,
         )
     return da, db
 

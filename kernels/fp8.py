@@ -30,39 +30,43 @@ E4M3_MAX = 448.0
 
 
 @triton.jit
-def _amax_tile(src_ptr, rows, cols, s0, s1, tile, amax_ptr, BR: tl.constexpr, BC: tl.constexpr):
-    tiles_c = tl.cdiv(cols, BC)
-    r = (tile // tiles_c) * BR + tl.arange(0, BR)
-    c = (tile % tiles_c) * BC + tl.arange(0, BC)
+def _amax_tile(src_ptr, rows, cols, row_stride, col_stride, tile, amax_ptr, BLOCK_ROWS: tl.constexpr,
+               BLOCK_COLS: tl.constexpr):
+    tiles_c = tl.cdiv(cols, BLOCK_COLS)
+    r = (tile // tiles_c) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    c = (tile % tiles_c) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (r < rows)[:, None] & (c < cols)[None, :]
-    x = tl.load(src_ptr + r.to(tl.int64)[:, None] * s0 + c.to(tl.int64)[None, :] * s1, mask=mask, other=0.0)
+    src = src_ptr + r.to(tl.int64)[:, None] * row_stride + c.to(tl.int64)[None, :] * col_stride
+    x = tl.load(src, mask=mask, other=0.0)
     bits = tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True)  # NaN bits > +inf bits > every finite
     tl.atomic_max(amax_ptr, tl.max(tl.max(bits, axis=1), axis=0))
 
 
 @triton.jit
 def _amax_kernel(
-    a_ptr, a_rows, a_cols, a_s0, a_s1, b_ptr, b_rows, b_cols, b_s0, b_s1, tiles_a, amax_ptr,
-    BR: tl.constexpr, BC: tl.constexpr,
+    a_ptr, a_rows, a_cols, a_row_stride, a_col_stride, b_ptr, b_rows, b_cols, b_row_stride, b_col_stride,
+    tiles_a, amax_ptr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < tiles_a:
-        _amax_tile(a_ptr, a_rows, a_cols, a_s0, a_s1, pid, amax_ptr, BR, BC)
+        _amax_tile(a_ptr, a_rows, a_cols, a_row_stride, a_col_stride, pid, amax_ptr, BLOCK_ROWS, BLOCK_COLS)
     else:
-        _amax_tile(b_ptr, b_rows, b_cols, b_s0, b_s1, pid - tiles_a, amax_ptr + 1, BR, BC)
+        _amax_tile(b_ptr, b_rows, b_cols, b_row_stride, b_col_stride, pid - tiles_a, amax_ptr + 1, BLOCK_ROWS,
+                   BLOCK_COLS)
 
 
 @triton.jit
-def _cast_tile(src_ptr, dst_ptr, rows, rows_pad, cols, s0, s1, tile, amax_ptr, scale_ptr,
-               BR: tl.constexpr, BC: tl.constexpr):
+def _cast_tile(src_ptr, dst_ptr, rows, rows_pad, cols, row_stride, col_stride, tile, amax_ptr, scale_ptr,
+               BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """dst[c, r] = e4m3(|src[r, c]| · 448 / amax) for r < rows_pad (zeros past rows): K-major."""
     amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
     amax = tl.where(amax == 0.0, 1.0, amax)  # all zeros: any scale; a NaN amax stays NaN
-    tiles_c = tl.cdiv(cols, BC)
-    r = (tile // tiles_c) * BR + tl.arange(0, BR)
-    c = (tile % tiles_c) * BC + tl.arange(0, BC)
+    tiles_c = tl.cdiv(cols, BLOCK_COLS)
+    r = (tile // tiles_c) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    c = (tile % tiles_c) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     load_mask = (r < rows)[:, None] & (c < cols)[None, :]
-    x = tl.load(src_ptr + r.to(tl.int64)[:, None] * s0 + c.to(tl.int64)[None, :] * s1, mask=load_mask, other=0.0)
+    src = src_ptr + r.to(tl.int64)[:, None] * row_stride + c.to(tl.int64)[None, :] * col_stride
+    x = tl.load(src, mask=load_mask, other=0.0)
     scaled = tl.abs(x.to(tl.float32)) * (448.0 / amax)
     q = tl.where(scaled > 448.0, 448.0, scaled).to(tl.float8e4nv)  # a comparison with NaN is false: NaN passes
     store_mask = (r < rows_pad)[:, None] & (c < cols)[None, :]
@@ -73,15 +77,16 @@ def _cast_tile(src_ptr, dst_ptr, rows, rows_pad, cols, s0, s1, tile, amax_ptr, s
 
 @triton.jit
 def _cast_kernel(
-    a_ptr, da_ptr, a_cols, a_s0, a_s1, b_ptr, db_ptr, b_cols, b_s0, b_s1, rows, rows_pad, tiles_a,
-    amax_ptr, scale_ptr, BR: tl.constexpr, BC: tl.constexpr,
+    a_ptr, da_ptr, a_cols, a_row_stride, a_col_stride, b_ptr, db_ptr, b_cols, b_row_stride, b_col_stride,
+    rows, rows_pad, tiles_a, amax_ptr, scale_ptr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < tiles_a:
-        _cast_tile(a_ptr, da_ptr, rows, rows_pad, a_cols, a_s0, a_s1, pid, amax_ptr, scale_ptr, BR, BC)
+        _cast_tile(a_ptr, da_ptr, rows, rows_pad, a_cols, a_row_stride, a_col_stride, pid, amax_ptr, scale_ptr,
+                   BLOCK_ROWS, BLOCK_COLS)
     else:
-        _cast_tile(b_ptr, db_ptr, rows, rows_pad, b_cols, b_s0, b_s1, pid - tiles_a, amax_ptr + 1, scale_ptr + 1,
-                   BR, BC)
+        _cast_tile(b_ptr, db_ptr, rows, rows_pad, b_cols, b_row_stride, b_col_stride, pid - tiles_a, amax_ptr + 1,
+                   scale_ptr + 1, BLOCK_ROWS, BLOCK_COLS)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -112,13 +117,13 @@ def prepass(a: torch.Tensor, b: torch.Tensor):
     tiles_b = triton.cdiv(rows, br) * triton.cdiv(b.shape[1], bc)
     _amax_kernel[(tiles_a + tiles_b,)](
         a, rows, a.shape[1], a.stride(0), a.stride(1), b, rows, b.shape[1], b.stride(0), b.stride(1),
-        tiles_a, amax, BR=br, BC=bc, num_warps=4,
+        tiles_a, amax, BLOCK_ROWS=br, BLOCK_COLS=bc, num_warps=4,
     )
     ptiles_a = triton.cdiv(rows_pad, br) * triton.cdiv(a.shape[1], bc)
     ptiles_b = triton.cdiv(rows_pad, br) * triton.cdiv(b.shape[1], bc)
     _cast_kernel[(ptiles_a + ptiles_b,)](
         a, a8, a.shape[1], a.stride(0), a.stride(1), b, b8, b.shape[1], b.stride(0), b.stride(1),
-        rows, rows_pad, ptiles_a, amax, scales, BR=br, BC=bc, num_warps=4,
+        rows, rows_pad, ptiles_a, amax, scales, BLOCK_ROWS=br, BLOCK_COLS=bc, num_warps=4,
     )
     return a8, b8, scales[0:1], scales[1:2]
 

@@ -79,14 +79,14 @@ def _chunk_math(g_ptr, p_ptr, a_ptr, o_ptr, idx, mask, two_lam, MASKED: tl.const
 @triton.jit
 def _penalty_kernel(
     g_base, p_base, a_base, o_base, table_ptr, grad_off_ptr, part_ptr, two_lam,
-    AG: tl.constexpr, AP: tl.constexpr, AA: tl.constexpr, AO: tl.constexpr,
+    ALIGN_GRAD: tl.constexpr, ALIGN_PARAM: tl.constexpr, ALIGN_ANCHOR: tl.constexpr, ALIGN_OMEGA: tl.constexpr,
     BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     row = table_ptr + tl.program_id(0).to(tl.int64) * 7
-    g_off = tl.multiple_of(tl.load(grad_off_ptr + tl.load(row)), AG)
-    p_off = tl.multiple_of(tl.load(row + 1), AP)
-    a_off = tl.multiple_of(tl.load(row + 2), AA)
-    o_off = tl.multiple_of(tl.load(row + 3), AO)
+    g_off = tl.multiple_of(tl.load(grad_off_ptr + tl.load(row)), ALIGN_GRAD)
+    p_off = tl.multiple_of(tl.load(row + 1), ALIGN_PARAM)
+    a_off = tl.multiple_of(tl.load(row + 2), ALIGN_ANCHOR)
+    o_off = tl.multiple_of(tl.load(row + 3), ALIGN_OMEGA)
     start = tl.multiple_of(tl.load(row + 4), BLOCK * ITERS)
     end = tl.load(row + 5)
     slot = tl.load(row + 6)
@@ -243,7 +243,8 @@ def penalty_grad_(grads, params, anchors, omegas, lam: float) -> torch.Tensor:
             g0, p0, a0, o0 = members[0][:4]
             _penalty_kernel[(table.shape[0],)](
                 g0, p0, a0, o0, table, g_offsets, partials, float(2.0 * lam),
-                AG=_align(g0, g_aligned), AP=_align(p0, aligned), AA=_align(a0, aligned), AO=_align(o0, aligned),
+                ALIGN_GRAD=_align(g0, g_aligned), ALIGN_PARAM=_align(p0, aligned),
+                ALIGN_ANCHOR=_align(a0, aligned), ALIGN_OMEGA=_align(o0, aligned),
                 BLOCK=BLOCK, ITERS=ITERS, num_warps=8,
             )
         for slot, g, p, a, o in by_reference:

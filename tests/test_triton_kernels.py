@@ -515,29 +515,31 @@ for elem, accum, prec, to_bf16 in (("*bf16", True, "tf32", False), ("*bf16", Fal
 ptx(ps._reduce_partials_kernel, dict(omega_ptr="*fp32", part_ptr="*fp32", numel="i32", n_split="i32",
                                      alpha="fp32"), dict(BLOCK=1024), ("omega_ptr", "part_ptr", "numel"))
 
-types = dict(a_ptr="*i16", da_ptr="*i16", a_rows="i32", a_cols="i32", a_s0="i32", b_ptr="*i16", db_ptr="*i16",
-             b_rows="i32", b_cols="i32", b_s0="i32", tiles_a="i32")
-copy_consts = dict(a_s1=1, b_s1=1, SIGN_MASK=0x7FFF, BITWISE=True, BR=64, BC=128)
-copy_div = ("a_ptr", "da_ptr", "a_cols", "a_s0", "b_ptr", "db_ptr", "b_cols", "b_s0")
+types = dict(a_ptr="*i16", da_ptr="*i16", a_rows="i32", a_cols="i32", a_row_stride="i32", b_ptr="*i16", db_ptr="*i16",
+             b_rows="i32", b_cols="i32", b_row_stride="i32", tiles_a="i32")
+copy_consts = dict(a_col_stride=1, b_col_stride=1, SIGN_MASK=0x7FFF, BITWISE=True, BLOCK_ROWS=64, BLOCK_COLS=128)
+copy_div = ("a_ptr", "da_ptr", "a_cols", "a_row_stride", "b_ptr", "db_ptr", "b_cols", "b_row_stride")
 code = ptx(ag._abs_copy_kernel, types, copy_consts, copy_div)
 assert "ld.global.v4" in code and "st.global.v4" in code
 types.update(a_ptr="*fp32", b_ptr="*fp32", da_ptr="*bf16", db_ptr="*bf16")
 ptx(ag._abs_copy_kernel, types, dict(copy_consts, SIGN_MASK=0, BITWISE=False), copy_div)
-types = dict(a_ptr="*bf16", a_rows="i32", a_cols="i32", a_s0="i32", b_ptr="*bf16", b_rows="i32", b_cols="i32",
-             b_s0="i32", tiles_a="i32", amax_ptr="*i32")
-code = ptx(f8._amax_kernel, types, dict(a_s1=1, b_s1=1, BR=64, BC=64), ("a_ptr", "b_ptr", "a_cols", "a_s0",
-                                                                          "b_cols", "b_s0"))
+types = dict(a_ptr="*bf16", a_rows="i32", a_cols="i32", a_row_stride="i32", b_ptr="*bf16", b_rows="i32", b_cols="i32",
+             b_row_stride="i32", tiles_a="i32", amax_ptr="*i32")
+code = ptx(f8._amax_kernel, types, dict(a_col_stride=1, b_col_stride=1, BLOCK_ROWS=64, BLOCK_COLS=64),
+           ("a_ptr", "b_ptr", "a_cols", "a_row_stride", "b_cols", "b_row_stride"))
 assert "atom" in code
-types = dict(a_ptr="*bf16", da_ptr="*fp8e4nv", a_cols="i32", a_s0="i32", b_ptr="*bf16", db_ptr="*fp8e4nv",
-             b_cols="i32", b_s0="i32", rows="i32", rows_pad="i32", tiles_a="i32", amax_ptr="*i32", scale_ptr="*fp32")
-ptx(f8._cast_kernel, types, dict(a_s1=1, b_s1=1, BR=64, BC=64),
-    ("a_ptr", "b_ptr", "da_ptr", "db_ptr", "a_cols", "b_cols", "a_s0", "b_s0", "rows_pad"))
+types = dict(a_ptr="*bf16", da_ptr="*fp8e4nv", a_cols="i32", a_row_stride="i32", b_ptr="*bf16", db_ptr="*fp8e4nv",
+             b_cols="i32", b_row_stride="i32", rows="i32", rows_pad="i32", tiles_a="i32", amax_ptr="*i32",
+             scale_ptr="*fp32")
+ptx(f8._cast_kernel, types, dict(a_col_stride=1, b_col_stride=1, BLOCK_ROWS=64, BLOCK_COLS=64),
+    ("a_ptr", "b_ptr", "da_ptr", "db_ptr", "a_cols", "b_cols", "a_row_stride", "b_row_stride", "rows_pad"))
 
 for pdt, odt in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16"), ("fp16", "fp32")):
     al = {"fp32": 4, "bf16": 8, "fp16": 8}
     types = dict(g_base="*" + pdt, p_base="*" + pdt, a_base="*" + pdt, o_base="*" + odt, table_ptr="*i64",
                  grad_off_ptr="*i64", part_ptr="*fp64", two_lam="fp32")
-    consts = dict(AG=al[pdt], AP=al[pdt], AA=al[pdt], AO=al[odt], BLOCK=2048, ITERS=32)
+    consts = dict(ALIGN_GRAD=al[pdt], ALIGN_PARAM=al[pdt], ALIGN_ANCHOR=al[pdt], ALIGN_OMEGA=al[odt], BLOCK=2048,
+                  ITERS=32)
     div = ("g_base", "p_base", "a_base", "o_base", "table_ptr", "grad_off_ptr")
     code = ptx(pen._penalty_kernel, types, consts, div, 8)
     assert "ld.global.v4" in code and "st.global.v4" in code, (pdt, odt)
