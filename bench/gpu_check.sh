@@ -96,6 +96,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 step "build the extension in place (sm_90, MAX_JOBS=${MAX_JOBS:-$(nproc)})"
 if [ -d csrc ]; then
+    # torch derives CUDA_HOME from the nvcc on PATH; a wrapper script there (/usr/local/bin/nvcc) would
+    # give it a directory without the CUDA headers: ask nvcc where its toolkit is.
+    if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+        top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+        [ -n "$top" ] && [ -d "$top" ] && export CUDA_HOME="$(cd "$top" && pwd -P)"
+    fi
+    echo "CUDA_HOME=${CUDA_HOME:-unset} nvcc=$(command -v nvcc || echo none)"
     t=$(budget 200 280)
     MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
         timeout -k 5 "$t" "$PY" setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1

@@ -157,7 +157,8 @@ def test_penalty_on_channels_last_parameters(backend, omega_format):
 
 @pytest.fixture
 def tf32_everywhere():
-    """The user enabled TF32 through both APIs (new first, then legacy: a mix that makes the legacy getters raise)."""
+    """The user enabled TF32 through both APIs (the new one, then the legacy flag); restored after, legacy first,
+    so that the two agree again (torch raises on reading a legacy flag that disagrees with the new API)."""
     matmul = torch.backends.cuda.matmul
     new_api = hasattr(matmul, "fp32_precision")
     before = matmul.fp32_precision if new_api else matmul.allow_tf32
@@ -166,6 +167,7 @@ def tf32_everywhere():
     matmul.allow_tf32 = True
     yield
     if new_api:
+        matmul.allow_tf32 = before == "tf32"
         matmul.fp32_precision = before
     else:
         matmul.allow_tf32 = before
