@@ -14,6 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-nvcc}"
+# the project's virtual environment (make build) when there is one, else python3
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PYTHON="${PYTHON:-python3}"
 if ! command -v "$NVCC" >/dev/null 2>&1; then
   echo "check_cuda_compile: nvcc not found, skipping the CUDA compile check"
