@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest pytest-benchmark transformers scikit-learn matplotlib ruff ninja setuptools wheel
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint build clean
+.PHONY: demo test bench lint build clean gpu-check
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,11 +20,16 @@ demo: build
 
 test: build
 	$(PY) -m ruff check .
-	bash csrc/check_cuda_compile.sh
+	PYTHON=$(PY) bash csrc/check_cuda_compile.sh
 	$(PY) -m pytest -q -ra
 
 bench: build
 	$(PY) -m pytest -q bench --benchmark-only
+
+# On the GPU machine (nothing to install there): build, GPU tests and the table under one
+# deadline; logs and the table in $OUT (default /tmp/out). See bench/gpu_check.sh.
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info mas_local/_C*.so .pytest_cache

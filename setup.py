@@ -5,6 +5,11 @@ The extension's C++ (CPU) kernels are built whenever ``csrc/*.cpp`` exist; the
 CUDA kernels in ``csrc/cuda/*.cu`` are added when torch has CUDA and ``nvcc`` is
 found. ``MAS_LOCAL_NO_EXT=1`` skips the extension: the package then falls back to
 the torch reference with one logged notice.
+
+The C++ standard is the one torch's extension builder picks for this torch (C++20
+from torch 2.10, C++17 before). The CUDA targets are torch's usual choice:
+``TORCH_CUDA_ARCH_LIST`` (e.g. ``9.0``; the GPU check sets it), else the GPUs
+visible at build time. ``MAX_JOBS`` bounds the parallel compile jobs (ninja).
 """
 
 import glob
@@ -25,7 +30,7 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]
     cu = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     use_cuda = bool(cu) and torch.version.cuda is not None and (
         shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME")
@@ -36,11 +41,7 @@ def _extensions():
             cpp + cu,
             extra_compile_args={
                 "cxx": cxx + ["-DMAS_LOCAL_WITH_CUDA"],
-                "nvcc": [
-                    "-O3",
-                    "-gencode=arch=compute_90,code=sm_90",
-                    "-gencode=arch=compute_80,code=compute_80",
-                ],
+                "nvcc": ["-O3"],
             },
             extra_link_args=["-fopenmp"],
         )

@@ -2,7 +2,7 @@
 
 ``MAS_BENCH_DEVICE``  ``cpu`` or ``cuda`` (default: ``cuda`` when a GPU is visible).
 ``MAS_BENCH_SIZE``    ``cpu`` (small shapes, seconds on a 2-core machine) or ``gpu``
-                      (the DESIGN.md §5 shapes); default follows the device.
+                      (the GPU table's sizes, bench/gpu_table.py); default follows the device.
 ``MAS_BENCH_THREADS`` torch CPU threads (default: torch's own choice). On a shared
                       CPU, 1 avoids oversubscription, which otherwise dominates timings.
 

@@ -6,6 +6,7 @@
 //
 //   abs_gemm_acc_       Ω[out,in] += α |A|ᵀ|B|          A [R,out], B [R,in]
 //   per_sample_abs_acc_ Ω[out,in] += α Σ_b |A_bᵀ B_b|   A [B,T,out], B [B,T,in]
+//   (both GEMM-shaped ops take a precision, "exact" / "accurate" / "fast": see docs/extension.md)
 //   penalty_grad_       g += 2λΩ(θ−θ*) for every tensor; returns λ Σ Ω(θ−θ*)² (0-d fp32)
 //   has_cuda            whether this build registered CUDA kernels
 
@@ -24,6 +25,7 @@
 #include <cmath>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -214,6 +216,21 @@ PenaltyFn pick_penalty(at::ScalarType g, at::ScalarType p, at::ScalarType o) {
   TORCH_CHECK(false, "mas_local_ext::penalty_grad_: grads must be float32, bfloat16 or float16, got ", g);
 }
 
+// Whether t's elements fill numel consecutive slots of memory, in any dimension order.
+bool dense(const Tensor& t) {
+  if (t.is_contiguous()) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
 Tensor penalty_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorList anchors, at::TensorList omegas,
                         double lam) {
   const size_t n = params.size();
@@ -250,12 +267,18 @@ Tensor penalty_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorL
     TORCH_CHECK(a0.scalar_type() == p0.scalar_type(), "mas_local_ext::penalty_grad_: anchor ", i,
                 " must have the param's dtype ", p0.scalar_type(), ", got ", a0.scalar_type());
     PenaltyFn fn = pick_penalty(g0.scalar_type(), p0.scalar_type(), o0.scalar_type());
-    Tensor p = p0.contiguous(), a = a0.contiguous(), o = o0.contiguous();
+    // Flat arrays in one element order: no copy when the four share strides and are dense
+    // (contiguous, channels_last, ...); else the mismatched ones are copied into the grad's
+    // layout (a non-dense grad into a contiguous copy that is written back).
     Tensor g = g0;
-    if (!g0.is_contiguous()) {
+    if (!dense(g0)) {
       g = g0.contiguous();
       write_back.emplace_back(g0, g);
     }
+    auto like_grad = [&](const Tensor& x) {
+      return x.strides() == g.strides() ? x : at::empty_like(g, x.options()).copy_(x);
+    };
+    Tensor p = like_grad(p0), a = like_grad(a0), o = like_grad(o0);
     keep.push_back(p);
     keep.push_back(a);
     keep.push_back(o);
@@ -399,7 +422,10 @@ void abs_sum_into(float* omega, const float* prod, int64_t nb, int64_t m, float 
   at::parallel_for(0, m, 1 << 12, [&](int64_t begin, int64_t end) { fn(omega, prod, nb, m, begin, end, alpha); });
 }
 
-void per_sample_abs_acc_cpu(Tensor omega, const Tensor& a0, const Tensor& b0, double alpha) {
+// The CPU computes in fp32 (MKL's IEEE GEMM) whatever the precision asks for.
+void per_sample_abs_acc_cpu(Tensor omega, const Tensor& a0, const Tensor& b0, double alpha,
+                            c10::string_view precision) {
+  (void)precision;
   TORCH_CHECK(a0.dim() == 3 && b0.dim() == 3 && a0.size(0) == b0.size(0) && a0.size(1) == b0.size(1),
               "mas_local_ext::per_sample_abs_acc_: expected a [B, T, out] and b [B, T, in]");
   const int64_t nb = a0.size(0), out = a0.size(2), in = b0.size(2);
@@ -432,7 +458,7 @@ bool has_cuda() {
 
 TORCH_LIBRARY(mas_local_ext, m) {
   m.def("abs_gemm_acc_(Tensor(a!) omega, Tensor a, Tensor b, float alpha, str precision) -> ()");
-  m.def("per_sample_abs_acc_(Tensor(a!) omega, Tensor a, Tensor b, float alpha) -> ()");
+  m.def("per_sample_abs_acc_(Tensor(a!) omega, Tensor a, Tensor b, float alpha, str precision) -> ()");
   m.def(
       "penalty_grad_(Tensor(a!)[] grads, Tensor[] params, Tensor[] anchors, Tensor[] omegas, float lam) -> Tensor");
   m.def("has_cuda() -> bool", &has_cuda);

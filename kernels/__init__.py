@@ -2,8 +2,11 @@
 
 One file per op, each with its ``@triton.jit`` kernels and launcher:
 :mod:`.abs_gemm` (``Ω += α|A|ᵀ|B|``), :mod:`.per_sample_abs` (``Ω += α Σ_b |A_bᵀB_b|``),
-:mod:`.penalty` (``grad += 2λΩ(θ−θ*)`` and ``λΣΩ(θ−θ*)²``). The functions have the
-signatures of :mod:`mas_local.ops.reference`; :mod:`mas_local.ops.backend` dispatches to them.
+:mod:`.penalty` (``grad += 2λΩ(θ−θ*)`` and ``λΣΩ(θ−θ*)²``), with :mod:`.fp8` (the abs-GEMM's
+fp8 pre-pass) and :mod:`.launch` (interpreter switch, device guard, CUDA-graph checks,
+tuned launches). The functions have the signatures of :mod:`mas_local.ops.reference`;
+:mod:`mas_local.ops.backend` dispatches to them, and each makes its tensors' CUDA
+device current while it launches.
 
 Importing needs ``triton`` (an ``ImportError`` otherwise, which the dispatcher
 reports as "absent"). The kernels run on CUDA tensors, and on CPU tensors only
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import triton  # noqa: F401  (ImportError here means: no Triton backend)
 
-from .abs_gemm import INTERPRET, INTERPRET_TOO_LATE, abs_gemm_acc_
+from .abs_gemm import abs_gemm_acc_
+from .launch import INTERPRET, INTERPRET_TOO_LATE
 from .penalty import penalty_grad_
 from .per_sample_abs import per_sample_abs_acc_
 

@@ -2,27 +2,34 @@
 
 Design (multi-tensor, memory-bound, deterministic):
 
-* The tensors are grouped by their four dtypes (grad, θ, θ*, Ω) and by 16-byte
-  alignment. Each group is one launch over a *chunk table*: one row per chunk of
-  :data:`CHUNK` elements of one tensor, holding the element offsets of that
-  tensor's grad, θ, θ*, Ω relative to the group's first tensors (passed as the
-  kernel's base pointers), the chunk's start and the tensor's length. A program
-  processes one chunk: full chunks unmasked (16-byte vector loads: the offsets
-  carry ``tl.multiple_of`` hints in aligned groups), the tail chunk masked.
-  The table is built on the host once per set of tensor addresses and cached
-  on the device (a training loop reuses the same parameters every step).
-* Per element: read grad, θ, θ*, Ω once, write grad once (20 B/param with fp32
-  everything, 18 B with a bf16 Ω). Arithmetic in fp32; grad is rounded once to
-  its own dtype.
-* The value: each program writes its chunk's fp32 partial sum (a fixed-shape
-  ``tl.sum``) as fp64 into its own slot of a partial buffer; one single-program
-  kernel then sums all slots in a fixed order in fp64 and multiplies by λ. No
-  float atomics: the same inputs give a bit-identical value every run.
+* Each tensor is cut into chunks of :data:`CHUNK` elements; chunk j of the whole
+  call (tensors in list order) owns slot j of an fp64 partial buffer. Tensors are
+  grouped by their four dtypes (grad, θ, θ*, Ω) and by the 16-byte alignment of θ,
+  θ*, Ω; each group is one launch over a *chunk table* whose rows hold the tensor's
+  index in the group, the element offsets of its θ, θ*, Ω relative to the group's
+  first tensors (passed as base pointers), the chunk's start, the tensor's length
+  and the chunk's slot. A program processes one chunk (full chunks unmasked with
+  16-byte vector hints in aligned groups, the tail masked) and stores its fp32
+  partial sum as fp64 in its slot; one single-program kernel sums the slots in
+  order in fp64 and multiplies by λ. No float atomics, and the summation order
+  depends only on the tensors' shapes and order — not on their addresses, their
+  grouping or the GPU — so the same inputs give a bit-identical value.
+* Caches: the chunk table depends on the addresses of θ, θ*, Ω (stable across
+  training steps) and is built once and kept on the device. The grads' offsets are
+  a separate small per-group array, cached by the grads' addresses; after
+  ``zero_grad(set_to_none=True)`` (new grads every step) only that array — one
+  int64 per tensor — is rebuilt, from pinned memory with a non-blocking copy.
+* Layouts, per tensor: the four tensors are walked as flat arrays in memory order
+  when they share strides and are dense (contiguous, channels_last, …: no copy).
+  Otherwise θ, θ*, Ω are copied into the grad's layout, and a non-dense grad is
+  computed in a contiguous copy and written back. float64 tensors run the torch
+  reference for that tensor only, its sum going into its slot.
+* CUDA graphs: under capture nothing may be copied from the host, so both tables
+  must already be cached (a warm-up call with the same tensors before capturing);
+  otherwise the call raises a clear error. Tables used by a capture are kept alive.
 
-Launches: one per dtype group plus one for the final reduction (two in the
-common case). grad, θ, θ* may be fp32, fp16 or bf16; Ω fp32 or bf16. A call with
-a non-contiguous tensor or another dtype (float64) runs the torch reference for
-all its tensors (logged once), so ``backend="auto"`` never fails on them.
+Per element: read grad, θ, θ*, Ω once, write grad once (20 B/param with fp32
+everything, 18 B with a bf16 Ω). Arithmetic in fp32; grad is rounded once.
 """
 
 from __future__ import annotations
@@ -33,17 +40,18 @@ import torch
 import triton
 import triton.language as tl
 
-from mas_local.ops import reference
-
-from .abs_gemm import INTERPRET, _notice_reference
+from .launch import INTERPRET, capturing, notice_reference, on_device, refuse_capture
 
 BLOCK = 64 if INTERPRET else 2048
 ITERS = 2 if INTERPRET else 32
 CHUNK = BLOCK * ITERS
 RED_BLOCK = 64 if INTERPRET else 1024
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-_TABLE_CACHE: OrderedDict = OrderedDict()
-_TABLE_CACHE_SIZE = 16
+_CACHE_SIZE = 16
+_tables: OrderedDict = OrderedDict()  # static chunk tables
+_grad_offsets: OrderedDict = OrderedDict()  # per-group grad offsets
+_captured: list = []  # tables referenced by captured CUDA graphs: never freed
+TABLE_COLUMNS = 7  # tensor index in group, θ offset, θ* offset, Ω offset, chunk start, tensor length, slot
 
 
 @triton.jit
@@ -70,28 +78,18 @@ def _chunk_math(g_ptr, p_ptr, a_ptr, o_ptr, idx, mask, two_lam, MASKED: tl.const
 
 @triton.jit
 def _penalty_kernel(
-    g_base,
-    p_base,
-    a_base,
-    o_base,
-    table_ptr,
-    part_ptr,
-    two_lam,
-    AG: tl.constexpr,
-    AP: tl.constexpr,
-    AA: tl.constexpr,
-    AO: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ITERS: tl.constexpr,
+    g_base, p_base, a_base, o_base, table_ptr, grad_off_ptr, part_ptr, two_lam,
+    ALIGN_GRAD: tl.constexpr, ALIGN_PARAM: tl.constexpr, ALIGN_ANCHOR: tl.constexpr, ALIGN_OMEGA: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row = table_ptr + pid.to(tl.int64) * 6
-    g_off = tl.multiple_of(tl.load(row), AG)
-    p_off = tl.multiple_of(tl.load(row + 1), AP)
-    a_off = tl.multiple_of(tl.load(row + 2), AA)
-    o_off = tl.multiple_of(tl.load(row + 3), AO)
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 7
+    g_off = tl.multiple_of(tl.load(grad_off_ptr + tl.load(row)), ALIGN_GRAD)
+    p_off = tl.multiple_of(tl.load(row + 1), ALIGN_PARAM)
+    a_off = tl.multiple_of(tl.load(row + 2), ALIGN_ANCHOR)
+    o_off = tl.multiple_of(tl.load(row + 3), ALIGN_OMEGA)
     start = tl.multiple_of(tl.load(row + 4), BLOCK * ITERS)
     end = tl.load(row + 5)
+    slot = tl.load(row + 6)
     g_ptr = g_base + g_off
     p_ptr = p_base + p_off
     a_ptr = a_base + a_off
@@ -106,7 +104,7 @@ def _penalty_kernel(
         for i in range(ITERS):
             idx = start + i * BLOCK + lanes
             acc += _chunk_math(g_ptr, p_ptr, a_ptr, o_ptr, idx, idx < end, two_lam, True)
-    tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.float64))
+    tl.store(part_ptr + slot, tl.sum(acc, axis=0).to(tl.float64))
 
 
 @triton.jit
@@ -120,78 +118,141 @@ def _final_sum_kernel(part_ptr, n, lam, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr, total.to(tl.float32))
 
 
-def _align(t: torch.Tensor) -> int:
-    return 16 // t.element_size()
+# --------------------------------------------------------------------------- layouts
 
 
-def _table(group, device):
-    """The device chunk table of a group (cached by dtypes, addresses and lengths).
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive slots of memory (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
-    ``group`` holds ``(tensors, addresses, numel)`` entries of one dtype combination.
+
+def walkable(g, p, a, o):
+    """``(g, p, a, o, write_back)``: four tensors that can be walked as flat arrays in one element order.
+
+    No copy when they share strides and are dense; otherwise the mismatched ones are
+    copied into the grad's layout (a non-dense grad into a contiguous copy that
+    ``write_back = (grad, copy)`` returns to).
     """
-    dtypes = tuple(t.dtype for t in group[0][0])  # offsets are in elements of these dtypes
-    key = (device, dtypes, tuple((ptrs, n) for _, ptrs, n in group))
-    cached = _TABLE_CACHE.get(key)
-    if cached is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return cached
-    base_ptrs = group[0][1]
-    sizes = [t.element_size() for t in group[0][0]]
-    rows = []
-    for _, ptrs, n in group:
-        offs = [(ptr - base) // size for ptr, base, size in zip(ptrs, base_ptrs, sizes)]
-        for start in range(0, n, CHUNK):
-            rows.append(offs + [start, n])
-    table = torch.tensor(rows, dtype=torch.int64).to(device)
-    _TABLE_CACHE[key] = table
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return table
+    if g.is_contiguous() and p.is_contiguous() and a.is_contiguous() and o.is_contiguous():
+        return g, p, a, o, None
+    write_back = None
+    target = g
+    if not dense(g):
+        target = g.contiguous()
+        write_back = (g, target)
+    same = [t if t.stride() == target.stride() else torch.empty_like(target, dtype=t.dtype).copy_(t)
+            for t in (p, a, o)]
+    return (target, *same, write_back)
 
 
-def _kernel_dtypes(key) -> bool:
-    return all(dtype in _SUPPORTED for dtype in key[:4]) and key[3] != torch.float16
+# --------------------------------------------------------------------------- tables
+
+
+def _upload(rows: list, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(rows, dtype=torch.int64)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)  # the pinned block is held until the copy is done
+
+
+def _lookup(cache: OrderedDict, key, device, build, what: str):
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+        if capturing(device):
+            _captured.append(value)  # the graph reads it at every replay
+        return value
+    refuse_capture(device, "penalty_grad_ (triton)", f"its {what} for these tensors is not on the device yet")
+    value = build()
+    cache[key] = value
+    if len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def static_table(device, dtypes, members):
+    """The chunk table of a group: rows of :data:`TABLE_COLUMNS` int64 (cached by θ, θ*, Ω addresses)."""
+    ptrs = [(p.data_ptr(), a.data_ptr(), o.data_ptr(), n, slot) for _, p, a, o, n, slot in members]
+    sizes = [t.element_size() for t in members[0][1:4]]
+
+    def build():
+        base = ptrs[0][:3]
+        rows = []
+        for index, (pp, ap, op, n, slot) in enumerate(ptrs):
+            offs = [(ptr - b) // s for ptr, b, s in zip((pp, ap, op), base, sizes)]
+            for c, start in enumerate(range(0, n, CHUNK)):
+                rows.append([index, *offs, start, n, slot + c])
+        return _upload(rows, device)
+
+    return _lookup(_tables, (str(device), dtypes, tuple(ptrs)), device, build, "chunk table")
+
+
+def grad_offsets(device, members):
+    """Offsets of the group's grads from its first grad, in elements (cached by the grads' addresses)."""
+    ptrs = tuple(g.data_ptr() for g, *_ in members)
+    size = members[0][0].element_size()
+    build = lambda: _upload([(ptr - ptrs[0]) // size for ptr in ptrs], device)
+    return _lookup(_grad_offsets, (str(device), size, ptrs), device, build, "grad offset table")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _align(t: torch.Tensor, aligned: bool) -> int:
+    return 16 // t.element_size() if aligned else 1
 
 
 def penalty_grad_(grads, params, anchors, omegas, lam: float) -> torch.Tensor:
     """``grad += 2λ Ω (θ − θ*)`` for every tensor; returns ``λ Σ Ω (θ − θ*)²`` as a 0-d fp32 tensor."""
     device = params[0].device if len(params) else torch.device("cpu")
-    # One pass with few attribute reads per tensor: the host cost is paid every training step.
     groups: dict[tuple, list] = {}
-    for quad in zip(grads, params, anchors, omegas):
-        g, p, a, o = quad
-        if not (g.is_contiguous() and p.is_contiguous() and a.is_contiguous() and o.is_contiguous()):
-            # Rare (parameters and their grads are contiguous): the reference handles any layout,
-            # for the whole call so that the value keeps one fixed summation order.
-            _notice_reference("penalty_grad_", "non-contiguous tensors")
-            return reference.penalty_grad_(grads, params, anchors, omegas, lam)
-        n = p.numel()
-        if n == 0:
-            continue
-        ptrs = (g.data_ptr(), p.data_ptr(), a.data_ptr(), o.data_ptr())
-        key = (g.dtype, p.dtype, a.dtype, o.dtype, (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0)
-        members = groups.get(key)
-        if members is None:
-            if not _kernel_dtypes(key):
-                _notice_reference("penalty_grad_", f"dtypes {key[:4]}")
-                return reference.penalty_grad_(grads, params, anchors, omegas, lam)
-            members = groups[key] = []
-        members.append((quad, ptrs, n))
-    out = torch.zeros((), dtype=torch.float32, device=device)
-    if not groups:
-        return out
-    tables = [(key, group, _table(group, device)) for key, group in groups.items()]
-    n_parts = sum(t.shape[0] for _, _, t in tables)
-    partials = torch.empty(n_parts, dtype=torch.float64, device=device)
-    pos = 0
-    for (_, _, _, _, aligned), group, table in tables:
-        g0, p0, a0, o0 = group[0][0]
-        align = [(_align(t) if aligned else 1) for t in (g0, p0, a0, o0)]
-        n = table.shape[0]
-        _penalty_kernel[(n,)](
-            g0, p0, a0, o0, table, partials[pos:], float(2.0 * lam),
-            AG=align[0], AP=align[1], AA=align[2], AO=align[3], BLOCK=BLOCK, ITERS=ITERS, num_warps=8,
-        )
-        pos += n
-    _final_sum_kernel[(1,)](partials, n_parts, float(lam), out, BLOCK=RED_BLOCK, num_warps=4)
+    by_reference, write_backs = [], []
+    slots = 0
+    with on_device(device):
+        for g, p, a, o in zip(grads, params, anchors, omegas):
+            n = p.numel()
+            if n == 0:
+                continue
+            dtypes = (g.dtype, p.dtype, a.dtype, o.dtype)
+            if not (all(d in _SUPPORTED for d in dtypes) and o.dtype != torch.float16):
+                notice_reference("penalty_grad_", f"tensors of dtypes {dtypes}")
+                by_reference.append((slots, g, p, a, o))
+                slots += 1
+                continue
+            g, p, a, o, write_back = walkable(g, p, a, o)
+            if write_back is not None:
+                write_backs.append(write_back)
+            aligned = (p.data_ptr() | a.data_ptr() | o.data_ptr()) % 16 == 0
+            groups.setdefault((dtypes, aligned), []).append((g, p, a, o, n, slots))
+            slots += triton.cdiv(n, CHUNK)
+        out = torch.zeros((), dtype=torch.float32, device=device)
+        if slots == 0:
+            return out
+        partials = torch.empty(slots, dtype=torch.float64, device=device)
+        for (dtypes, aligned), members in groups.items():
+            table = static_table(device, dtypes, members)
+            g_offsets = grad_offsets(device, members)
+            g_aligned = all(m[0].data_ptr() % 16 == 0 for m in members)
+            g0, p0, a0, o0 = members[0][:4]
+            _penalty_kernel[(table.shape[0],)](
+                g0, p0, a0, o0, table, g_offsets, partials, float(2.0 * lam),
+                ALIGN_GRAD=_align(g0, g_aligned), ALIGN_PARAM=_align(p0, aligned),
+                ALIGN_ANCHOR=_align(a0, aligned), ALIGN_OMEGA=_align(o0, aligned),
+                BLOCK=BLOCK, ITERS=ITERS, num_warps=8,
+            )
+        for slot, g, p, a, o in by_reference:
+            diff = p.detach().float() - a.float()  # the reference's arithmetic, for this tensor alone
+            weighted = o.float() * diff
+            g.add_((2.0 * lam * weighted).to(g.dtype))
+            partials[slot : slot + 1].copy_((weighted * diff).sum(dtype=torch.float64).reshape(1))
+        _final_sum_kernel[(1,)](partials, slots, float(lam), out, BLOCK=RED_BLOCK, num_warps=4)
+        for g, copy in write_backs:
+            g.copy_(copy)
     return out

@@ -60,14 +60,16 @@ cudaError_t launch_penalty_finish(const double* partials, int64_t n, double lam,
 // ---------------------------------------------------------------------------
 // Per-sample abs accumulation: omega[out, in] += alpha Σ_b |A_bᵀ B_b| with A
 // [nb, T, out] and B [nb, T, in] contiguous and of one type `type`.
-// bf16/f16 use tensor cores (WMMA, fp32 accumulate); f32 uses an FMA kernel.
+// bf16/f16 use tensor cores (WMMA 16×16×16, fp32 accumulate). f32 uses TF32 tensor
+// cores (WMMA 16×16×8, each operand rounded to TF32, fp32 accumulate) when `tf32` is
+// set, else an exact fp32 FMA kernel.
 //
 // With `splits` > 1 the batch is cut into `splits` parts processed by separate
 // blocks; each part writes its Σ|·| into scratch[split, out, in] (size
 // splits·out·in floats), and a second kernel adds them to omega in split order
 // (deterministic, no atomics). `splits` = 1 needs no scratch.
-cudaError_t launch_per_sample_abs(float* omega, const void* a, const void* b, DType type, int64_t nb, int64_t t,
-                                  int64_t out, int64_t in, float alpha, int splits, float* scratch,
+cudaError_t launch_per_sample_abs(float* omega, const void* a, const void* b, DType type, bool tf32, int64_t nb,
+                                  int64_t t, int64_t out, int64_t in, float alpha, int splits, float* scratch,
                                   cudaStream_t stream);
 
 // How many batch splits launch_per_sample_abs should use to fill `num_sms`

@@ -3,12 +3,13 @@
 //
 // Work is described by a chunk table (device memory, built by the caller): each
 // chunk is up to kPenaltyChunk consecutive elements of one tensor. A block takes
-// chunks in a grid-stride loop; each thread walks its elements with 16-byte
-// packed loads and stores when the tensor's pointers are aligned (a scalar tail
-// otherwise), keeps its partial in float (≤ 256 products), and the block reduces
-// the thread partials in double in a fixed tree into partials[chunk]. A one-block
-// kernel then sums the chunk partials in a fixed order. No float atomics: the
-// value is bit-identical from run to run and for any grid size.
+// chunks in a grid-stride loop; each thread walks its elements in packs, with 16-byte
+// loads and stores when the tensor's pointers are aligned and element by element
+// otherwise (the same elements, in the same order, either way), keeps its partial in
+// float (≤ 256 products), and the block reduces the thread partials in double in a
+// fixed tree into partials[chunk]. A one-block kernel then sums the chunk partials in a
+// fixed order. No float atomics: the value is bit-identical from run to run, for any
+// grid size and any alignment of the tensors.
 #include "common.cuh"
 
 namespace mas_local_cuda {
@@ -36,27 +37,44 @@ __global__ void __launch_bounds__(kPenaltyThreads)
     const O* __restrict__ o = static_cast<const O*>(t.omega) + ch.start;
     const int64_t len = ch.len;
 
+    // Thread i owns the packs i, i + 256, … and then the tail elements i, i + 256, … past the
+    // last whole pack, whether or not the tensor is aligned for 16-byte accesses: the
+    // summation order, hence the value, does not depend on the tensors' addresses.
     float acc = 0.f;
-    int64_t scalar_from = 0;
-    if (ch.vectorized) {
-      const int64_t nvec = len / VEC;
-      for (int64_t v = threadIdx.x; v < nvec; v += kPenaltyThreads) {
-        const Pack<P, VEC> pv = reinterpret_cast<const Pack<P, VEC>*>(p)[v];
-        const Pack<P, VEC> av = reinterpret_cast<const Pack<P, VEC>*>(a)[v];
-        const Pack<O, VEC> ov = reinterpret_cast<const Pack<O, VEC>*>(o)[v];
-        Pack<G, VEC> gv = reinterpret_cast<const Pack<G, VEC>*>(g)[v];
+    const int64_t nvec = len / VEC;
+    for (int64_t v = threadIdx.x; v < nvec; v += kPenaltyThreads) {
+      Pack<P, VEC> pv, av;
+      Pack<O, VEC> ov;
+      Pack<G, VEC> gv;
+      if (ch.vectorized) {
+        pv = reinterpret_cast<const Pack<P, VEC>*>(p)[v];
+        av = reinterpret_cast<const Pack<P, VEC>*>(a)[v];
+        ov = reinterpret_cast<const Pack<O, VEC>*>(o)[v];
+        gv = reinterpret_cast<const Pack<G, VEC>*>(g)[v];
+      } else {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const float d = to_float(pv.v[k]) - to_float(av.v[k]);
-          const float w = to_float(ov.v[k]) * d;
-          gv.v[k] = from_float<G>(to_float(gv.v[k]) + two_lam * w);
-          acc += w * d;
+          pv.v[k] = p[v * VEC + k];
+          av.v[k] = a[v * VEC + k];
+          ov.v[k] = o[v * VEC + k];
+          gv.v[k] = g[v * VEC + k];
         }
-        reinterpret_cast<Pack<G, VEC>*>(g)[v] = gv;
       }
-      scalar_from = nvec * VEC;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float d = to_float(pv.v[k]) - to_float(av.v[k]);
+        const float w = to_float(ov.v[k]) * d;
+        gv.v[k] = from_float<G>(to_float(gv.v[k]) + two_lam * w);
+        acc += w * d;
+      }
+      if (ch.vectorized) {
+        reinterpret_cast<Pack<G, VEC>*>(g)[v] = gv;
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) g[v * VEC + k] = gv.v[k];
+      }
     }
-    for (int64_t i = scalar_from + threadIdx.x; i < len; i += kPenaltyThreads) {
+    for (int64_t i = nvec * VEC + threadIdx.x; i < len; i += kPenaltyThreads) {
       const float d = to_float(p[i]) - to_float(a[i]);
       const float w = to_float(o[i]) * d;
       g[i] = from_float<G>(to_float(g[i]) + two_lam * w);

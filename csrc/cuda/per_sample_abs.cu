@@ -7,15 +7,18 @@
 // a second register accumulator, the Ω-tile sum, which lives across the whole batch
 // loop. Only at the end is the sum added to Ω (or written to the split scratch).
 //
-// bf16/fp16 inputs: WMMA 16×16×16 on tensor cores, fp32 accumulate. Block tile
-// 128 (out) × 128 (in), 8 warps as 4 × 2, each warp 32 × 64 = 2 × 4 fragments.
-// fp32 inputs: FMA kernel, block tile 64 × 64, 256 threads with 4 × 4 outputs each.
+// Tensor cores (WMMA, fp32 accumulate): bf16/fp16 inputs as 16×16×16 fragments, fp32
+// inputs as TF32 16×16×8 fragments (each element rounded to TF32 after the load from
+// shared memory). Block tile 128 (out) × 128 (in), 8 warps as 4 × 2, each warp
+// 32 × 64 = 2 × 4 fragments. Exact fp32: FMA kernel, block tile 64 × 64, 256 threads
+// with 4 × 4 outputs each.
 // Both stage T-slices of A and B through shared memory, double buffered, with the
 // next slice's global loads (16-byte packs when aligned, zero-filled at ragged
 // edges) issued before the current slice's math.
 #include <mma.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -61,10 +64,28 @@ __device__ __forceinline__ void emit(float* __restrict__ omega, float* __restric
 }
 
 // ---------------------------------------------------------------------------
-// Tensor-core kernel (bf16 / fp16).
+// Tensor-core kernel (bf16 / fp16 / fp32 as TF32).
 constexpr int kWM = 128, kWN = 128, kWK = 16, kWThreads = 256;
-constexpr int kWPad = 8;  // keeps rows 16-byte aligned and spreads banks
+constexpr int kWPad = 8;  // keeps fragment and pack addresses aligned (32 B / 16 B) and spreads banks
 constexpr int kWLdA = kWM + kWPad, kWLdB = kWN + kWPad;
+
+// The WMMA fragment element type and k-extent of one mma for a storage type.
+template <typename T>
+struct Mma {
+  using Frag = T;
+  static constexpr int kK = 16;
+};
+template <>
+struct Mma<float> {
+  using Frag = nvcuda::wmma::precision::tf32;
+  static constexpr int kK = 8;
+};
+
+template <typename Fragment>
+__device__ __forceinline__ void round_to_tf32(Fragment& f) {
+#pragma unroll
+  for (int e = 0; e < f.num_elements; ++e) f.x[e] = nvcuda::wmma::__float_to_tf32(f.x[e]);
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kWThreads)
@@ -72,6 +93,8 @@ __global__ void __launch_bounds__(kWThreads)
                         int64_t t_len, int64_t out, int64_t in, float alpha, int splits, float* __restrict__ scratch,
                         bool vec_a, bool vec_b) {
   using namespace nvcuda;
+  using Frag = typename Mma<T>::Frag;
+  constexpr int kK = Mma<T>::kK;
   __shared__ __align__(128) T sa[2][kWK * kWLdA];
   __shared__ __align__(128) T sb[2][kWK * kWLdB];
   __shared__ __align__(128) float stage[kWThreads / 32][16 * 16];
@@ -82,7 +105,7 @@ __global__ void __launch_bounds__(kWThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 64;  // warp tile origin inside the block tile
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4], sum[2][4];
+  wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc[2][4], sum[2][4];
 #pragma unroll
   for (int x = 0; x < 2; ++x)
 #pragma unroll
@@ -115,16 +138,25 @@ __global__ void __launch_bounds__(kWThreads)
     if (s + 1 < steps) fetch(s + 1);
 
     // A_bᵀ tile: element (o, t) sits at sa[t * ld + o], i.e. column-major.
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[4];
 #pragma unroll
-    for (int x = 0; x < 2; ++x) wmma::load_matrix_sync(fa[x], sa[buf] + wm + 16 * x, kWLdA);
+    for (int kk = 0; kk < kWK; kk += kK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kK, Frag, wmma::col_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, kK, Frag, wmma::row_major> fb[4];
 #pragma unroll
-    for (int y = 0; y < 4; ++y) wmma::load_matrix_sync(fb[y], sb[buf] + wn + 16 * y, kWLdB);
+      for (int x = 0; x < 2; ++x) {
+        wmma::load_matrix_sync(fa[x], sa[buf] + kk * kWLdA + wm + 16 * x, kWLdA);
+        if constexpr (std::is_same_v<T, float>) round_to_tf32(fa[x]);
+      }
 #pragma unroll
-    for (int x = 0; x < 2; ++x)
+      for (int y = 0; y < 4; ++y) {
+        wmma::load_matrix_sync(fb[y], sb[buf] + kk * kWLdB + wn + 16 * y, kWLdB);
+        if constexpr (std::is_same_v<T, float>) round_to_tf32(fb[y]);
+      }
 #pragma unroll
-      for (int y = 0; y < 4; ++y) wmma::mma_sync(acc[x][y], fa[x], fb[y], acc[x][y]);
+      for (int x = 0; x < 2; ++x)
+#pragma unroll
+        for (int y = 0; y < 4; ++y) wmma::mma_sync(acc[x][y], fa[x], fb[y], acc[x][y]);
+    }
 
     if (s % ktiles == ktiles - 1) {  // sample finished: Σ|·| in registers
 #pragma unroll
@@ -262,13 +294,13 @@ int per_sample_splits(int64_t nb, int64_t out, int64_t in, int num_sms, std::siz
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, 64)));
 }
 
-cudaError_t launch_per_sample_abs(float* omega, const void* a, const void* b, DType type, int64_t nb, int64_t t,
-                                  int64_t out, int64_t in, float alpha, int splits, float* scratch,
+cudaError_t launch_per_sample_abs(float* omega, const void* a, const void* b, DType type, bool tf32, int64_t nb,
+                                  int64_t t, int64_t out, int64_t in, float alpha, int splits, float* scratch,
                                   cudaStream_t stream) {
   if (nb <= 0 || out <= 0 || in <= 0) return cudaSuccess;
   if (splits < 1 || (splits > 1 && scratch == nullptr)) return cudaErrorInvalidValue;
   if (splits > nb) splits = static_cast<int>(nb);
-  if (type == DType::F32) {
+  if (type == DType::F32 && !tf32) {
     const dim3 grid(ceil_div(in, kFN), ceil_div(out, kFM), splits);
     const auto* fa = static_cast<const float*>(a);
     const auto* fb = static_cast<const float*>(b);
@@ -276,8 +308,14 @@ cudaError_t launch_per_sample_abs(float* omega, const void* a, const void* b, DT
                                                        out % 4 == 0 && aligned(a, 16), in % 4 == 0 && aligned(b, 16));
   } else {
     const dim3 grid(ceil_div(in, kWN), ceil_div(out, kWM), splits);
-    const bool va = out % 8 == 0 && aligned(a, 16), vb = in % 8 == 0 && aligned(b, 16);
-    if (type == DType::BF16) {
+    // TileRegs loads 8 consecutive elements per thread: 16 bytes (16-bit) or 32 bytes (fp32).
+    const int pack = type == DType::F32 ? 32 : 16;
+    const bool va = out % 8 == 0 && aligned(a, pack), vb = in % 8 == 0 && aligned(b, pack);
+    if (type == DType::F32) {
+      per_sample_abs_wmma<float><<<grid, kWThreads, 0, stream>>>(omega, static_cast<const float*>(a),
+                                                                 static_cast<const float*>(b), nb, t, out, in, alpha,
+                                                                 splits, scratch, va, vb);
+    } else if (type == DType::BF16) {
       per_sample_abs_wmma<__nv_bfloat16><<<grid, kWThreads, 0, stream>>>(
           omega, static_cast<const __nv_bfloat16*>(a), static_cast<const __nv_bfloat16*>(b), nb, t, out, in, alpha,
           splits, scratch, va, vb);

@@ -7,6 +7,16 @@
 Each op validates its arguments, then runs the implementation that
 :func:`mas_local.ops.backend.resolve` picks for the device and the ``backend``
 argument. Fake kernels let ``torch.compile`` trace through them.
+
+``precision`` (both GEMM-shaped ops) has one meaning for every backend: an error
+bound relative to ``Σ|a·b|`` (the sum of the absolute products, since ``Σ_t a·b`` can
+cancel), stated with what each backend runs in ``docs/triton.md``:
+``"exact"`` fp32 arithmetic (never TF32), ``"accurate"`` (default) fp32 operands may
+be rounded to TF32, ``"fast"`` operands may be rounded to bf16, or to fp8 e4m3 with
+per-tensor scales where a backend has it. A backend that runs something other than
+what was asked (e.g. no fp8) logs it once.
+
+Parameters spread over several devices: :func:`penalty_grad_by_device`.
 """
 
 from __future__ import annotations
@@ -18,6 +28,15 @@ from .backend import resolve
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PRECISIONS = ("accurate", "exact", "fast")
+__all__ = [
+    "PRECISIONS",
+    "abs_gemm_acc_",
+    "check_penalty_args",
+    "group_by_device",
+    "penalty_grad_",
+    "penalty_grad_by_device",
+    "per_sample_abs_acc_",
+]
 
 
 def _check_omega(omega: Tensor, shape: tuple[int, ...], what: str) -> None:
@@ -35,22 +54,24 @@ def _check_operands(what: str, omega: Tensor, *operands: Tensor) -> None:
             raise ValueError(f"{what}: operand on {t.device} but omega on {omega.device}")
 
 
+def _check_precision(what: str, precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"{what}: precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 @torch.library.custom_op("mas_local::abs_gemm_acc_", mutates_args=("omega",))
 def abs_gemm_acc_(
     omega: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, backend: str = "auto", precision: str = "accurate"
 ) -> None:
     """``omega[out, in] += alpha * |a|ᵀ |b|`` for a ``[R, out]``, b ``[R, in]``; omega float32.
 
-    ``precision``: ``"accurate"`` (operands in their own dtype, fp32 operands may
-    use tf32 tensor cores), ``"exact"`` (full fp32), ``"fast"`` (fp8 operands on
-    GPUs that have them). The torch reference always computes exactly.
+    ``precision``: ``"exact"``, ``"accurate"`` or ``"fast"`` (see the module docstring).
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
         raise ValueError(f"abs_gemm_acc_: expected a [R, out] and b [R, in], got {tuple(a.shape)} and {tuple(b.shape)}")
     _check_omega(omega, (a.shape[1], b.shape[1]), "abs_gemm_acc_")
     _check_operands("abs_gemm_acc_", omega, a, b)
-    if precision not in PRECISIONS:
-        raise ValueError(f"abs_gemm_acc_: precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_precision("abs_gemm_acc_", precision)
     _, impl = resolve("abs_gemm_acc", omega.device, backend)
     impl(omega, a, b, alpha, precision)
 
@@ -61,21 +82,52 @@ def _(omega, a, b, alpha=1.0, backend="auto", precision="accurate"):
 
 
 @torch.library.custom_op("mas_local::per_sample_abs_acc_", mutates_args=("omega",))
-def per_sample_abs_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, backend: str = "auto") -> None:
-    """``omega[out, in] += alpha * Σ_b |a_bᵀ b_b|`` for a ``[B, T, out]``, b ``[B, T, in]``; omega float32."""
+def per_sample_abs_acc_(
+    omega: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, backend: str = "auto", precision: str = "accurate"
+) -> None:
+    """``omega[out, in] += alpha * Σ_b |a_bᵀ b_b|`` for a ``[B, T, out]``, b ``[B, T, in]``; omega float32.
+
+    ``precision`` as for :func:`abs_gemm_acc_` (no backend has an fp8 path for this op).
+    """
     if a.dim() != 3 or b.dim() != 3 or a.shape[:2] != b.shape[:2]:
         raise ValueError(
             f"per_sample_abs_acc_: expected a [B, T, out] and b [B, T, in], got {tuple(a.shape)} and {tuple(b.shape)}"
         )
     _check_omega(omega, (a.shape[2], b.shape[2]), "per_sample_abs_acc_")
     _check_operands("per_sample_abs_acc_", omega, a, b)
+    _check_precision("per_sample_abs_acc_", precision)
     _, impl = resolve("per_sample_abs_acc", omega.device, backend)
-    impl(omega, a, b, alpha)
+    impl(omega, a, b, alpha, precision)
 
 
 @per_sample_abs_acc_.register_fake
-def _(omega, a, b, alpha=1.0, backend="auto"):
+def _(omega, a, b, alpha=1.0, backend="auto", precision="accurate"):
     return None
+
+
+def check_penalty_args(grads, params, anchors, omegas) -> None:
+    """Validate the penalty's tensor lists: equal lengths, per-tensor shapes, one device, Ω dtype."""
+    n = len(params)
+    if not (len(grads) == len(anchors) == len(omegas) == n):
+        raise ValueError("penalty_grad_: grads, params, anchors and omegas must have the same length")
+    for i, (g, p, a, o) in enumerate(zip(grads, params, anchors, omegas)):
+        if not (g.shape == p.shape == a.shape == o.shape):
+            raise ValueError(
+                f"penalty_grad_: tensor {i} has mismatched shapes grad {tuple(g.shape)}, param {tuple(p.shape)}, "
+                f"anchor {tuple(a.shape)}, omega {tuple(o.shape)}"
+            )
+        if not (g.device == p.device == a.device == o.device):
+            raise ValueError(
+                f"penalty_grad_: grad, param, anchor and omega {i} are on different devices "
+                f"({g.device}, {p.device}, {a.device}, {o.device})"
+            )
+        if p.device != params[0].device:
+            raise ValueError(
+                f"penalty_grad_: tensor {i} is on {p.device} but tensor 0 on {params[0].device}; one call serves "
+                "one device: use mas_local.ops.penalty_grad_by_device for parameters on several devices"
+            )
+        if o.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"penalty_grad_: omega {i} must be float32 or bfloat16, got {o.dtype}")
 
 
 @torch.library.custom_op("mas_local::penalty_grad_", mutates_args=("grads",))
@@ -91,21 +143,9 @@ def penalty_grad_(
 
     Ω may be float32 or bfloat16; θ* has θ's dtype; grads have θ's shape.
     """
-    n = len(params)
-    if not (len(grads) == len(anchors) == len(omegas) == n):
-        raise ValueError("penalty_grad_: grads, params, anchors and omegas must have the same length")
-    if n == 0:
+    check_penalty_args(grads, params, anchors, omegas)
+    if not params:
         return torch.zeros((), dtype=torch.float32)
-    for i, (g, p, a, o) in enumerate(zip(grads, params, anchors, omegas)):
-        if not (g.shape == p.shape == a.shape == o.shape):
-            raise ValueError(
-                f"penalty_grad_: tensor {i} has mismatched shapes grad {tuple(g.shape)}, param {tuple(p.shape)}, "
-                f"anchor {tuple(a.shape)}, omega {tuple(o.shape)}"
-            )
-        if not (g.device == p.device == a.device == o.device == params[0].device):
-            raise ValueError(f"penalty_grad_: tensor {i} is not on one device with the others")
-        if o.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"penalty_grad_: omega {i} must be float32 or bfloat16, got {o.dtype}")
     _, impl = resolve("penalty_grad", params[0].device, backend)
     return impl(grads, params, anchors, omegas, lam)
 
@@ -114,3 +154,6 @@ def penalty_grad_(
 def _(grads, params, anchors, omegas, lam, backend="auto"):
     device = params[0].device if params else torch.device("cpu")
     return torch.empty((), dtype=torch.float32, device=device)
+
+
+from .multi_device import group_by_device, penalty_grad_by_device  # noqa: E402  (uses the op declared above)

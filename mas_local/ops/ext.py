@@ -9,9 +9,16 @@ signatures (see :mod:`mas_local.ops.reference`) that :mod:`mas_local.ops.backend
 
 Importing this module raises ``ImportError`` when the extension is not built;
 the backend layer treats that as "ext absent".
+
+Precision (``docs/extension.md``): the extension has no fp8 kernels, so ``"fast"``
+runs bf16 operands on CUDA and plain fp32 on the CPU; each such substitution is
+logged once. The CUDA penalty copies a chunk table from pinned host memory on every
+call, so it refuses to run inside a CUDA-graph capture (use the Triton backend there).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import Tensor
@@ -31,7 +38,7 @@ def _abs_gemm_acc_fake(omega, a, b, alpha, precision):
 
 
 @torch.library.register_fake("mas_local_ext::per_sample_abs_acc_")
-def _per_sample_abs_acc_fake(omega, a, b, alpha):
+def _per_sample_abs_acc_fake(omega, a, b, alpha, precision):
     return None
 
 
@@ -58,14 +65,46 @@ def supports(device: torch.device | str) -> str | None:
     return f"mas_local._C has no kernels for device type {device.type!r}"
 
 
+log = logging.getLogger("mas_local")
+_noticed: set[tuple] = set()
+
+
+def _fast_notice(op: str, device: torch.device) -> None:
+    """Log once per (op, device type) what ``precision="fast"`` runs in this backend instead of fp8."""
+    key = (op, device.type)
+    if key in _noticed:
+        return
+    _noticed.add(key)
+    if device.type == "cuda":
+        what = "fp32 operands are rounded to bf16 (tensor cores), 16-bit operands are used as given"
+    else:
+        what = "the CPU kernels compute in fp32 whatever the precision, as for 'exact'"
+    log.warning("mas_local: backend 'ext' has no fp8 kernels: %s precision='fast' on %s runs this instead: %s",
+                op, device.type, what)
+
+
 def abs_gemm_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float, precision: str = "accurate") -> None:
     """``omega += alpha * |a|ᵀ |b|`` (see :func:`mas_local.ops.reference.abs_gemm_acc_`)."""
+    if precision == "fast":
+        _fast_notice("abs_gemm_acc_", omega.device)
     _ops.abs_gemm_acc_(omega, a.detach(), b.detach(), float(alpha), precision)
 
 
-def per_sample_abs_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
+def per_sample_abs_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float, precision: str = "accurate") -> None:
     """``omega += alpha * Σ_b |a_bᵀ b_b|`` (see :func:`mas_local.ops.reference.per_sample_abs_acc_`)."""
-    _ops.per_sample_abs_acc_(omega, a.detach(), b.detach(), float(alpha))
+    if precision == "fast":
+        _fast_notice("per_sample_abs_acc_", omega.device)
+    _ops.per_sample_abs_acc_(omega, a.detach(), b.detach(), float(alpha), precision)
+
+
+def refuse_capture(device: torch.device) -> None:
+    """Raise a clear error when the CUDA penalty is called inside a CUDA-graph capture."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "penalty_grad_ (backend 'ext') cannot run inside a CUDA-graph capture: it copies its chunk table "
+            "from pinned host memory on every call, which a replayed graph would read after it was recycled. "
+            "Use backend='triton' (capture-safe after one warm-up call) or call it outside the graph."
+        )
 
 
 def penalty_grad_(
@@ -74,6 +113,7 @@ def penalty_grad_(
     """``grad += 2λΩ(θ−θ*)``; returns ``λΣΩ(θ−θ*)²`` (see :func:`mas_local.ops.reference.penalty_grad_`)."""
     if not params:
         return torch.zeros((), dtype=torch.float32)
+    refuse_capture(params[0].device)
     if any(t.dtype not in _KERNEL_DTYPES for t in (*grads, *params)) or any(
         a.dtype != p.dtype for a, p in zip(anchors, params)
     ):

@@ -4,6 +4,12 @@ These are the readable specification, the CPU fallback, and the test oracle for
 the Triton and C++/CUDA backends. Each function has the same signature as the
 public op in :mod:`mas_local.ops` minus the ``backend`` argument.
 Ω is always float32; operands may be any floating dtype and are upcast.
+
+``precision`` (``docs/triton.md`` states the contract): ``"exact"`` computes in
+float64 and rounds into Ω, so no TF32 or reduced-precision setting of torch can
+touch it; ``"accurate"`` and ``"fast"`` compute in float32 under torch's own matmul
+settings (IEEE on the CPU by default; TF32 on a GPU only if the user allowed it,
+which is within the ``"accurate"`` bound).
 """
 
 from __future__ import annotations
@@ -13,19 +19,27 @@ from torch import Tensor
 
 
 def abs_gemm_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float, precision: str = "accurate") -> None:
-    """``omega += alpha * |a|ᵀ |b|`` with a ``[R, out]``, b ``[R, in]``, omega ``[out, in]`` fp32.
-
-    The reference always computes in exact fp32, whatever ``precision`` asks for.
-    """
+    """``omega += alpha * |a|ᵀ |b|`` with a ``[R, out]``, b ``[R, in]``, omega ``[out, in]`` fp32."""
+    if precision == "exact":
+        omega.add_((a.double().abs().t() @ b.double().abs()).mul_(alpha).float())
+        return
     omega.addmm_(a.float().abs().t(), b.float().abs(), alpha=alpha)
 
 
-def per_sample_abs_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
+def per_sample_abs_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float, precision: str = "accurate") -> None:
     """``omega += alpha * Σ_b |a_bᵀ b_b|`` with a ``[B, T, out]``, b ``[B, T, in]``.
 
-    Materialises ``[B, out, in]``; callers bound memory by splitting the batch
-    (see ``mas_local.importance``), which is what the fused kernels avoid.
+    Materialises ``[B, out, in]`` (in float32; ``"exact"`` takes float64 products
+    half a batch at a time, so no more memory); callers bound memory by splitting
+    the batch (see ``mas_local.importance``), which is what the fused kernels avoid.
     """
+    if precision == "exact":
+        total = torch.zeros(omega.shape, dtype=torch.float64, device=omega.device)
+        step = max(1, a.shape[0] // 2)
+        for s in range(0, a.shape[0], step):
+            total += torch.bmm(a[s : s + step].double().transpose(1, 2), b[s : s + step].double()).abs_().sum(0)
+        omega.add_(total.mul_(alpha).float())
+        return
     per_sample = torch.bmm(a.float().transpose(1, 2), b.float())
     omega.add_(per_sample.abs_().sum(0), alpha=alpha)
 
