@@ -334,7 +334,11 @@ class MAS:
                 new[name] = self.importance[name].float() + omega
             else:
                 new[name] = self.alpha * self.importance[name].float() + (1.0 - self.alpha) * omega
-            new[name] = new[name].to(self.omega_dtype)
+            stored = new[name]
+            if fsdp.is_dtensor(stored):
+                new[name] = stored.to(self.omega_dtype)
+            else:  # in the parameter's memory format (channels_last), so the fused penalty walks it without copies
+                new[name] = torch.empty_like(p, dtype=self.omega_dtype).copy_(stored)
         self.importance = new
         self.anchors = anchors
         self.num_tasks += 1
@@ -354,8 +358,8 @@ class MAS:
             return sharded_penalty(self)
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         total = torch.zeros((), device=device, dtype=torch.float32)
-        for _, p, anchor, omega in self._terms():
-            total = total + (omega * (p.float() - anchor.float()).pow(2)).sum()
+        for _, p, anchor, omega in self._terms():  # parameters may sit on several devices (device_map="auto")
+            total = total + (omega * (p.float() - anchor.float()).pow(2)).sum().to(device)
         return self.lam * total
 
     def add_penalty_grad_(self) -> Tensor:
@@ -375,7 +379,7 @@ class MAS:
         if any(fsdp.is_dtensor(p) for _, p, _, _ in terms):
             return sharded_add_penalty_grad_(self, terms)
         with torch.no_grad():
-            return ops.penalty_grad_(
+            return ops.penalty_grad_by_device(
                 [p.grad for _, p, _, _ in terms],
                 [p.detach() for _, p, _, _ in terms],
                 [a for _, _, a, _ in terms],

@@ -44,7 +44,7 @@ class Statistics:
         name = self.names[id(p)]
         s = self.sums.get(name)
         if s is None:
-            s = self.sums[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            s = self.sums[name] = torch.zeros_like(p, dtype=torch.float32)  # p's memory format (channels_last)
         return s
 
     def add_sum(self, p: Tensor, value: Tensor) -> None:

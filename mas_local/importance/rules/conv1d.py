@@ -45,7 +45,7 @@ class Conv1DRule(LinearRule):
                 in_f, out_f = x.shape[-1], d.shape[-1]
                 per_sample = acc.per_sample_scratch(in_f, out_f, x.device) + 4 * (x[0].numel() + d[0].numel())
                 for rows in acc.chunks(x.shape[0], bytes_per_sample=per_sample):
-                    ops.per_sample_abs_acc_(acc.sum_of(w), x[rows], d[rows], 1.0, acc.backend)
+                    ops.per_sample_abs_acc_(acc.sum_of(w), x[rows], d[rows], 1.0, acc.backend, acc.precision)
         if b is not None:
             acc.add_sum(b, d.float().sum(1).abs().sum(0))
 

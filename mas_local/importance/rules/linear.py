@@ -33,7 +33,7 @@ class LinearRule(Rule):
                 out_f, in_f = d.shape[-1], x.shape[-1]
                 per_sample = acc.per_sample_scratch(out_f, in_f, x.device) + 4 * (x[0].numel() + d[0].numel())
                 for rows in acc.chunks(x.shape[0], bytes_per_sample=per_sample):
-                    ops.per_sample_abs_acc_(acc.sum_of(w), d[rows], x[rows], 1.0, acc.backend)
+                    ops.per_sample_abs_acc_(acc.sum_of(w), d[rows], x[rows], 1.0, acc.backend, acc.precision)
         if b is not None:
             acc.add_sum(b, d.float().sum(1).abs().sum(0))
 
