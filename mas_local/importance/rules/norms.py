@@ -85,6 +85,7 @@ class RMSNormRule(_AffineNorm):
 
     def __init__(self, recognise: bool = False) -> None:
         self.recognise = recognise
+        self.reruns_module = recognise  # reads the weight's value to check the call (gathered under FSDP2)
 
     @staticmethod
     def _eps(m: nn.Module, x: Tensor) -> float:
@@ -106,8 +107,9 @@ class RMSNormRule(_AffineNorm):
         same = getattr(site, "closed_form_checked", None)
         if same is None:  # once per call: does the module compute w ⊙ x̂?
             m, x, y = site.module, site.x, site.outputs[0]
+            weight = site.live["weight"] if site.live and "weight" in site.live else m.weight
             with torch.no_grad():
-                want = m.weight.to(y.dtype) * self.normalized(site, x).to(y.dtype)
+                want = weight.to(y.dtype) * self.normalized(site, x).to(y.dtype)
             tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(y.dtype, 1e-2)
             same = want.shape == y.shape and torch.allclose(want, y, rtol=tol, atol=tol * float(y.abs().max()))
             site.closed_form_checked = same
