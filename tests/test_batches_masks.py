@@ -132,3 +132,34 @@ def test_reentrant_checkpointing_gets_a_clear_error():
         ml.compute_importance(model, [batch], eval_mode=False, progress=False)
     imp = ml.compute_importance(model, [batch], progress=False)  # eval mode: no checkpointing, works
     assert all(torch.isfinite(v).all() for v in imp.values())
+
+
+class PositionModel(nn.Module):
+    """A position embedding on ids shared by the batch ([1, T]), used in two ways."""
+
+    def __init__(self, collapse: bool):
+        super().__init__()
+        self.collapse = collapse
+        self.tok, self.pos = nn.Embedding(11, 4), nn.Embedding(6, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        pos = self.pos(torch.arange(ids.shape[1]).unsqueeze(0))  # [1, T, 4]
+        if self.collapse:  # a consumer that reduces over dim 0: expanding the shared output would change it
+            pos = pos.sum(0)
+        return self.out(torch.tanh(self.tok(ids) + pos))
+
+
+@pytest.mark.parametrize("collapse", [False, True], ids=["broadcast", "reduced-over-dim0"])
+def test_shared_position_embedding_is_exact(collapse, caplog):
+    torch.manual_seed(0)
+    model = PositionModel(collapse).double()
+    ids = torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(2))
+    from mas_local.importance.estimator import Estimator
+
+    est = Estimator(model)
+    with caplog.at_level("INFO", logger="mas_local"):
+        est.update(ids)
+    assert (id(model.pos) in est.plan.expand) != collapse  # expanded unless that changes the output
+    assert ("not expanding" in caplog.text) == collapse
+    assert_close(est.result(), oracles.global_sample(model, [ids]))

@@ -103,12 +103,14 @@ class Capture:
         clone_modules: set[int] | None = None,
         alias: bool = False,
         shared_leaves: dict[int, set[int]] | None = None,
+        expand: set[int] | None = None,
         on_site: Callable[[Site], None] | None = None,
     ) -> None:
         self.model, self.modules, self.n = model, modules, n
         self.flat_rows = n * positions if positions is not None and positions > 1 else None
         self.clone_modules, self.alias, self.on_site = clone_modules or set(), alias, on_site
         self.shared_leaves = shared_leaves or {}
+        self.expand = expand or set()
         self.sites: list[Site] = []
         self.paused = 0  # > 0 while a rule re-runs a module (those calls are not sites)
         self._seq_first = 0
@@ -119,6 +121,9 @@ class Capture:
         if self.paused or id(module) not in self._wanted:
             return output
         leaves, spec = tree_flatten(output)
+        if id(module) in self.expand:
+            args, kwargs, leaves = self._expanded(args, kwargs, leaves)
+            output = tree_unflatten(leaves, spec)
         if self.alias:
             # Δ is taken w.r.t. fresh aliases that only the rest of the model reads: an output computed from
             # another output inside the module (a router's scores from its logits) must not count twice.
@@ -151,6 +156,20 @@ class Capture:
             self.on_site(site)
         self.sites.append(site)
         return output
+
+    def _expanded(self, args: tuple, kwargs: dict, leaves: list) -> tuple[tuple, dict, list]:
+        """A call shared by the batch, as if each sample had made it: ``[1, ...]`` inputs and outputs expanded to B."""
+        in_leaves, in_spec = tree_flatten((args, kwargs))
+        if any(isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == self.n for t in in_leaves):
+            return args, kwargs, leaves  # this call carries the batch after all
+
+        def grow(t):
+            if isinstance(t, Tensor) and not isinstance(t, nn.Parameter) and t.dim() >= 1 and t.shape[0] == 1:
+                return t.expand(self.n, *t.shape[1:])
+            return t
+
+        args, kwargs = tree_unflatten([grow(t) for t in in_leaves], in_spec)
+        return args, kwargs, [grow(t) for t in leaves]
 
     def _enter_layout(self, module, args, kwargs):
         self._seq_first += 1

@@ -161,6 +161,7 @@ class Estimator:
         self._capture: Capture | None = None
         self._clone_modules: set[int] = set()  # modules whose captures the model modifies in place
         self._scratch_backend: dict[tuple, str] = {}
+        self._probe = self._probe_out = None  # the first batch's probe and output, until expansion is verified
         self._notices: set = set()
 
     # -- settings seen by rules and callers ----------------------------------------
@@ -273,6 +274,8 @@ class Estimator:
                 if self.mode == "global":
                     probe.mark_shared_outputs(masked_squared_norm(out, self._mask))
             plan = probe.plan(self.params)
+            if plan.expand:  # checked on this batch's capture: expanding must not change the model's output
+                self._probe, self._probe_out = probe, out.detach()
         if plan.unreachable:
             raise ImportanceError(
                 f"no exact {self.mode} '{self.estimator}' importance for {sorted(plan.unreachable)}: they are read "
@@ -301,6 +304,7 @@ class Estimator:
             clone_modules=self._clone_modules,
             alias=self.mode == "global",
             shared_leaves=self.plan.shared_leaves,
+            expand=self.plan.expand,
             on_site=self._on_site,
         )
         self._capture = cap
@@ -312,16 +316,28 @@ class Estimator:
         _check_output(out, n)
         return out, cap.sites
 
+    def _same_output(self, out: Tensor) -> bool:
+        ref = self._probe_out
+        if out.shape != ref.shape:
+            return False
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        return bool(torch.allclose(out.detach(), ref, rtol=1e-5, atol=1e-6 * scale))
+
     def _needs_samples(self, rule, site: Site) -> bool:
         if self.mode == "local" and not site.batched:  # a call shared by the batch: one event for every sample
             return False
         return self.estimator == "sample" or (self.estimator == "hebbian" and not rule.hebbian)
 
     def _update_through_sites(self, batch: Any, n: int) -> None:
-        for _ in range(2):
+        for _ in range(3):  # a rerun when shared calls cannot be expanded, one when in-place changes show
             grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
             with grad_ctx:
                 out, sites = self._forward(batch, n)
+                if self._probe_out is not None and not self._same_output(out):
+                    self.notice_once("expand", "expanding shared calls changes this model's output; not expanding")
+                    self.plan, self._probe_out = self._probe.plan(self.params, expand=False), None
+                    continue
+                self._probe = self._probe_out = None
                 # Decided once per pass: modules whose captured tensors the model changes in place (a ReLU with
                 # inplace=True after them) are captured as copies from then on; only that batch runs twice.
                 changed = {id(s.module) for s in sites if s.changed_in_place()}

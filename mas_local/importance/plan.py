@@ -64,6 +64,9 @@ class SitePlan:
 class Plan:
     sites: dict[int, SitePlan] = field(default_factory=dict)  # id(module) -> plan
     unreachable: dict[str, str] = field(default_factory=dict)  # parameter name -> why
+    # global mode: calls shared by the batch whose outputs are laid out [1, ...] (position embeddings on
+    # position_ids [1, T]): captured expanded to the batch, so that backprop gives per-sample Δ
+    expand: set[int] = field(default_factory=set)
     # id(module) -> indices of input leaves whose size says "batched" but that do not come from the batch
     # (cache positions [T], relative-position buckets [T, T] when T == B): shared by the batch
     shared_leaves: dict[int, set[int]] = field(default_factory=dict)
@@ -133,6 +136,8 @@ class UsageProbe(TorchFunctionMode):
         self.reads: dict[str, list[tuple[nn.Module, ...]]] = defaultdict(list)
         self.unbatched_calls: set[int] = set()  # modules with a call that had no batched input
         self.shared_outputs: list[tuple[int, Tensor]] = []  # (module, output without the batch dim needing grad)
+        self.expandable: set[int] = set()  # shared calls whose outputs needing grad are all [1, ...]
+        self._unbatched_stack: list[bool] = []
         self.ineligible: set[int] = set()  # modules with a call that does not carry the batch
         # tensors computed from the batch's tensors (ids; the tensors are kept alive for the probe's duration)
         self.from_batch: set[int] = set()
@@ -174,9 +179,10 @@ class UsageProbe(TorchFunctionMode):
                 # positions or relative-position buckets [T, ...] with T == B
                 dims[i] = None
                 self.shared_leaves.setdefault(id(module), set()).add(i)
-        if all(d is None for d in dims):
+        unbatched = all(d is None for d in dims)
+        if unbatched:
             self.unbatched_calls.add(id(module))
-            self.ineligible.add(id(module))
+        self._unbatched_stack.append(unbatched)
         self.stack.append(module)
         if is_sequence_first(module):
             self._seq_first += 1
@@ -186,12 +192,21 @@ class UsageProbe(TorchFunctionMode):
             self.stack.pop()
         if is_sequence_first(module):
             self._seq_first -= 1
-        if self.mode == "global":
-            outs = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
-            seq_first = self._seq_first - (1 if is_sequence_first(module) else 0) > 0
-            for t, dim in zip(outs, output_dims(module, outs, self.n, seq_first, self.flat_rows)):
-                if dim is None and t.requires_grad and t.is_floating_point():
-                    self.shared_outputs.append((id(module), t))
+        unbatched = self._unbatched_stack.pop() if self._unbatched_stack else True
+        if self.mode != "global":
+            return
+        outs = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
+        if unbatched:
+            needs_grad = [t for t in outs if t.requires_grad and t.is_floating_point()]
+            if needs_grad and all(t.dim() >= 1 and t.shape[0] == 1 for t in needs_grad):
+                self.expandable.add(id(module))
+            else:
+                self.ineligible.add(id(module))
+            return
+        seq_first = self._seq_first - (1 if is_sequence_first(module) else 0) > 0
+        for t, dim in zip(outs, output_dims(module, outs, self.n, seq_first, self.flat_rows)):
+            if dim is None and t.requires_grad and t.is_floating_point():
+                self.shared_outputs.append((id(module), t))
 
     def mark_shared_outputs(self, loss: Tensor) -> None:
         """Global mode: a call whose output without the batch dimension reaches the loss does not carry the batch."""
@@ -216,8 +231,12 @@ class UsageProbe(TorchFunctionMode):
             h.remove()
         self._handles = []
 
-    def plan(self, params: dict[str, nn.Parameter]) -> Plan:
-        plan = Plan(shared_leaves=self.shared_leaves)
+    def plan(self, params: dict[str, nn.Parameter], expand: bool = True) -> Plan:
+        """The plan; ``expand=False`` computes shared calls' parameters at enclosing calls instead."""
+        expand_ids = self.expandable - self.ineligible if expand and self.mode == "global" else set()
+        if self.mode == "global":
+            self.ineligible |= self.expandable - expand_ids
+        plan = Plan(shared_leaves=self.shared_leaves, expand=expand_ids)
         for name, p in params.items():
             stacks = self.reads.get(name)
             if not stacks:
