@@ -1,26 +1,35 @@
 """What a consolidation costs, as a multiple of the passes it is made of (CPU, one run, min of interleaved repeats).
 
 Prints the table of docs/performance.md: local hebbian ÷ forward, global sample ÷ forward+backward of Σ‖f‖²,
-the per-sample autograd loop ÷ global sample (with both peak memories), and consolidation ÷ forward on tiny
-models. Run: ``python bench/consolidation_cost.py [--repeats 5] [--threads 2] [--out FILE]``.
+the per-sample autograd loop ÷ global sample (with both peak memories: the C heap sampled after every aten op,
+glibc's ``mallinfo2``), and consolidation ÷ forward on tiny models. OpenMP threads should not spin on a shared
+machine: the script sets ``OMP_WAIT_POLICY=passive`` unless it is set.
+Run: ``python bench/consolidation_cost.py [--repeats 5] [--threads 2] [--out FILE]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts its OpenMP runtime
+
 import platform
 import subprocess
 import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mas_local as ml  # noqa: E402
 from bench import models  # noqa: E402
+
+_LIBC = ctypes.CDLL("libc.so.6")
 
 
 def _out(model, batch):
@@ -70,18 +79,52 @@ def best(fns: dict, model, data, repeats: int) -> dict[str, float]:
     return times
 
 
-def peak_rss_mib(kind: str) -> float:
-    """Peak resident memory of a fresh process running one of the token-MLP measurements, in MiB."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fn = "per_sample_loop" if kind == "loop" else "consolidation('global', 'sample')"
-    code = (
-        f"import resource, sys; sys.path.insert(0, {root!r}); from bench import models; "
-        "from bench.consolidation_cost import per_sample_loop, consolidation; "
-        "m, d = models.token_mlp(); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        f"{fn}(m, d); print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+class _MallInfo(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+_LIBC.mallinfo2.restype = _MallInfo
+
+
+def _heap_bytes() -> int:
+    """Bytes allocated from the C heap now (glibc ``mallinfo2``: small blocks + mmapped blocks)."""
+    info = _LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class _PeakHeap(TorchDispatchMode):
+    """Samples the C heap after every aten op: the peak above the level at entry, in bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base, self.peak = _heap_bytes(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _heap_bytes() - self.base)
+        return out
+
+
+def peak_mib(fn, model, data) -> float:
+    """Peak extra memory of ``fn(model, data)`` (after one warm-up run), in MiB."""
+    fn(model, data)
+    with _PeakHeap() as probe:
+        fn(model, data)
+    return probe.peak / 2**20
 
 
 def main(argv=None) -> int:
@@ -135,7 +178,8 @@ def main(argv=None) -> int:
     )
     model, data = models.token_mlp()
     t = best({"loop": per_sample_loop, "sample": consolidation("global", "sample")}, model, data, args.repeats)
-    loop_mib, sample_mib = peak_rss_mib("loop"), peak_rss_mib("sample")
+    loop_mib = peak_mib(per_sample_loop, model, data)
+    sample_mib = peak_mib(consolidation("global", "sample"), model, data)
     add("token MLP [32,128,256] 256→1024→256", "per-sample loop ÷ global sample", t["loop"], t["sample"], "≥ 1.3")
     add(
         "token MLP [32,128,256] 256→1024→256",

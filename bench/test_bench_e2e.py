@@ -1,9 +1,10 @@
-"""End to end: importance of a small Llama (random weights, no download) on one set of batches.
+"""End to end: what a consolidation costs on a Llama, a GPT-2 and a ResNet-style CNN (random weights).
 
-One group: a forward pass over the data and a forward+backward pass (the yardsticks),
-then consolidation (``compute_importance``) with global ``sample``, global ``batch``
-and local ``hebbian`` on the same model and data. ``extra_info`` carries each time
-as a multiple of the forward pass (``x_forward``) measured in the same session.
+Each model is one group: a forward pass over the data and a forward+backward pass of Σ‖f‖² (the
+yardsticks), then ``compute_importance`` with every estimator on the same model and data.
+``extra_info`` carries each time as a multiple of the forward (``x_forward``) and of the
+forward+backward (``x_forward_backward``) measured in the same session. The same ratios, from one
+script run, are in ``bench/consolidation_cost.py`` and ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -13,88 +14,80 @@ import torch
 
 import mas_local as ml
 
+from . import models
 from .helpers import bench_device, bench_size, mean_seconds, sync
 
 transformers = pytest.importorskip("transformers")
-if not hasattr(ml, "compute_importance"):  # pragma: no cover - only before the core exists
-    pytest.skip("mas_local.compute_importance is missing", allow_module_level=True)
 
 DEVICE = bench_device()
 SIZE = bench_size()
 
-# model sizes, then (batches, batch size, sequence length)
-CONFIGS = {
-    "cpu": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=1024, data=(4, 8, 64)),
-    "gpu": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
-                num_key_value_heads=4, vocab_size=32000, data=(8, 8, 256)),
+BUILDERS = {
+    "llama": (lambda: models.llama(hidden=1024, layers=4, data=(8, 8, 256))) if SIZE == "gpu" else models.llama,
+    "gpt2": models.gpt2,
+    "resnet": models.resnet,
 }
-CONFIG = CONFIGS[SIZE]
-_forward_seconds: dict[str, float] = {}
+ESTIMATORS = [("global", "sample"), ("global", "batch"), ("local", "hebbian"), ("local", "sample"), ("local", "batch")]
+_yardsticks: dict[tuple[str, str], float] = {}
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cfg = dict(CONFIG)
-    n_batches, batch, seq = cfg.pop("data")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(max_position_embeddings=max(seq, 64), **cfg)
-    model = transformers.LlamaForCausalLM(config).to(DEVICE).eval()
-    gen = torch.Generator().manual_seed(1)
-    data = [torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(DEVICE) for _ in range(n_batches)]
-    return model, data
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def case(request):
+    model, data = BUILDERS[request.param]()
+    model = model.to(DEVICE)
+    data = [{k: v.to(DEVICE) for k, v in b.items()} if isinstance(b, dict) else b.to(DEVICE) for b in data]
+    return request.param, model, data
 
 
-def _group(data) -> str:
-    n = sum(x.shape[0] for x in data)
-    return f"e2e llama-{SIZE} {n} seqs x {data[0].shape[1]} tokens"
+def _out(model, batch):
+    y = model(**batch) if isinstance(batch, dict) else model(batch)
+    return y.logits if hasattr(y, "logits") else y
 
 
-def _info(benchmark, name: str) -> None:
+def _record(benchmark, name: str, kind: str) -> None:
     t = mean_seconds(benchmark)
     benchmark.extra_info["device"] = str(DEVICE)
-    if t:
-        if name == "forward":
-            _forward_seconds["forward"] = t
-        elif "forward" in _forward_seconds:
-            benchmark.extra_info["x_forward"] = t / _forward_seconds["forward"]
+    if not t:
+        return
+    if kind in ("forward", "forward_backward"):
+        _yardsticks[name, kind] = t
+    for base in ("forward", "forward_backward"):
+        if (name, base) in _yardsticks and kind != base:
+            benchmark.extra_info[f"x_{base}"] = t / _yardsticks[name, base]
 
 
-def test_forward(benchmark, llama):
-    model, data = llama
-    benchmark.group = _group(data)
+def test_forward(benchmark, case):
+    name, model, data = case
+    benchmark.group = f"e2e {name}-{SIZE}"
 
     @torch.no_grad()
     def fn():
-        for x in data:
-            model(input_ids=x)
+        for b in data:
+            _out(model, b)
         sync(DEVICE)
 
     benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
-    _info(benchmark, "forward")
+    _record(benchmark, name, "forward")
 
 
-def test_forward_backward(benchmark, llama):
-    model, data = llama
-    benchmark.group = _group(data)
+def test_forward_backward(benchmark, case):
+    name, model, data = case
+    benchmark.group = f"e2e {name}-{SIZE}"
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def fn():
-        for x in data:
-            model(input_ids=x, labels=x).loss.backward()
-        model.zero_grad(set_to_none=True)
+        for b in data:
+            torch.autograd.grad(_out(model, b).float().pow(2).sum(), params)
         sync(DEVICE)
 
     benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
-    _info(benchmark, "forward+backward")
+    _record(benchmark, name, "forward_backward")
 
 
-@pytest.mark.parametrize(
-    "mode, estimator", [("global", "sample"), ("global", "batch"), ("local", "hebbian")],
-    ids=["global-sample", "global-batch", "local-hebbian"],
-)
-def test_consolidate(benchmark, llama, mode, estimator):
-    model, data = llama
-    benchmark.group = _group(data)
+@pytest.mark.parametrize("mode, estimator", ESTIMATORS, ids=[f"{m}-{e}" for m, e in ESTIMATORS])
+def test_consolidate(benchmark, case, mode, estimator):
+    name, model, data = case
+    benchmark.group = f"e2e {name}-{SIZE}"
 
     def fn():
         omega = ml.compute_importance(model, data, mode=mode, estimator=estimator, progress=False)
@@ -102,7 +95,6 @@ def test_consolidate(benchmark, llama, mode, estimator):
         return omega
 
     omega = benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
-    n_params = sum(p.numel() for p in model.parameters())
-    assert sum(o.numel() for o in omega.values()) == n_params  # every parameter got importance
-    _info(benchmark, f"{mode}-{estimator}")
-    benchmark.extra_info["params"] = n_params
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(omega) == trainable and all(torch.isfinite(o).all() for o in omega.values())
+    _record(benchmark, name, f"{mode}-{estimator}")

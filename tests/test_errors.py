@@ -188,13 +188,13 @@ def test_precision_is_validated_and_reaches_the_op(monkeypatch):
     with pytest.raises(ValueError, match="unknown precision"):
         ml.MAS(MLP(), precision="fp4")
     seen = []
-    real = ml.ops.abs_gemm_acc_
+    real = ml.ops.eager.abs_gemm_acc_
 
     def spy(omega, a, b, alpha=1.0, backend="auto", precision="accurate"):
         seen.append(precision)
         return real(omega, a, b, alpha, backend, precision)
 
-    monkeypatch.setattr(ml.ops, "abs_gemm_acc_", spy)
+    monkeypatch.setattr(ml.ops.eager, "abs_gemm_acc_", spy)
     mas = ml.MAS(MLP(), mode="local", precision="fast", progress=False)
     mas.consolidate([torch.randn(3, 13)])
     assert seen and set(seen) == {"fast"}

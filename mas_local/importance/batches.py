@@ -13,6 +13,12 @@ from ..errors import ImportanceError
 
 
 def tensor_leaves(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):  # the common cases without pytree's recursion
+        return [obj]
+    if type(obj) is tuple and len(obj) == 2 and type(obj[1]) is dict and not obj[1]:
+        args = obj[0]
+        if type(args) is tuple and all(isinstance(t, Tensor) for t in args):
+            return list(args)
     return [t for t in tree_flatten(obj)[0] if isinstance(t, Tensor)]
 
 
@@ -107,13 +113,19 @@ def sequence_length(batch: Any, mask: Tensor | None) -> int | None:
     return None
 
 
-def check_batch(model: nn.Module, batch: Any, index: int) -> None:
-    """Clear errors for inputs on the wrong device or in the wrong floating dtype."""
-    params = list(model.parameters())
-    if not params:
+def check_batch(
+    model: nn.Module, batch: Any, index: int, devices: set | None = None, float_dtypes: set | None = None
+) -> None:
+    """Clear errors for inputs on the wrong device or in the wrong floating dtype.
+
+    ``devices`` / ``float_dtypes`` are the parameters' (computed from the model when not given).
+    """
+    if devices is None or float_dtypes is None:
+        params = list(model.parameters())
+        devices = {p.device for p in params}
+        float_dtypes = {p.dtype for p in params if p.is_floating_point()}
+    if not devices:
         return
-    devices = {p.device for p in params}
-    float_dtypes = {p.dtype for p in params if p.is_floating_point()}
     for t in tensor_leaves(model_inputs(batch)):
         if len(devices) == 1 and t.device not in devices:
             raise ImportanceError(

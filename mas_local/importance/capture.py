@@ -104,6 +104,7 @@ class Capture:
         alias: bool = False,
         shared_leaves: dict[int, set[int]] | None = None,
         expand: set[int] | None = None,
+        layout_modules: list[nn.Module] | None = None,
         on_site: Callable[[Site], None] | None = None,
     ) -> None:
         self.model, self.modules, self.n = model, modules, n
@@ -111,6 +112,9 @@ class Capture:
         self.clone_modules, self.alias, self.on_site = clone_modules or set(), alias, on_site
         self.shared_leaves = shared_leaves or {}
         self.expand = expand or set()
+        self.layout_modules = (
+            layout_modules if layout_modules is not None else [m for m in model.modules() if is_sequence_first(m)]
+        )
         self.sites: list[Site] = []
         self.paused = 0  # > 0 while a rule re-runs a module (those calls are not sites)
         self._seq_first = 0
@@ -178,12 +182,9 @@ class Capture:
         self._seq_first -= 1
 
     def __enter__(self) -> Capture:
-        for module in self.model.modules():
-            if is_sequence_first(module):
-                self._handles.append(module.register_forward_pre_hook(self._enter_layout, with_kwargs=True))
-                self._handles.append(
-                    module.register_forward_hook(self._leave_layout, with_kwargs=True, always_call=True)
-                )
+        for module in self.layout_modules:
+            self._handles.append(module.register_forward_pre_hook(self._enter_layout, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._leave_layout, with_kwargs=True, always_call=True))
         for module in self.modules:
             if isinstance(module, _TapMixin):
                 module._mas_tap = self._record

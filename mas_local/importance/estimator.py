@@ -162,6 +162,11 @@ class Estimator:
         self._clone_modules: set[int] = set()  # modules whose captures the model modifies in place
         self._scratch_backend: dict[tuple, str] = {}
         self._probe = self._probe_out = None  # the first batch's probe and output, until expansion is verified
+        self._any_training: bool | None = None
+        every = list(model.parameters())
+        self._param_devices = {p.device for p in every}
+        self._param_dtypes = {p.dtype for p in every if p.is_floating_point()}
+        self._layout_modules = [m for m in model.modules() if is_sequence_first(m)]
         self._notices: set = set()
 
     # -- settings seen by rules and callers ----------------------------------------
@@ -242,14 +247,16 @@ class Estimator:
     # -- one batch ----------------------------------------------------------------------
     def update(self, batch: Any) -> None:
         """Add one batch to the statistics. An error leaves the model and its buffers untouched."""
-        check_batch(self.model, batch, self.stats.batches)
-        _check_checkpointing(self.model)
+        check_batch(self.model, batch, self.stats.batches, self._param_devices, self._param_dtypes)
+        if self._any_training is None:  # module modes do not change during a pass (run_pass sets them)
+            _check_checkpointing(self.model)
+            self._any_training = any(m.training for m in self.model.modules())
         n = batch_size(batch)
         self.batch_samples = n
         self._mask = position_mask(self.config.mask, batch, n)
         self._positions = sequence_length(batch, self._mask)
         # in train mode a forward updates buffers (BatchNorm statistics): a failed batch restores them
-        guard = preserved_buffers(self.model) if any(m.training for m in self.model.modules()) else nullcontext()
+        guard = preserved_buffers(self.model) if self._any_training else nullcontext()
         with guard:
             if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
                 self._global_batch(batch, n)
@@ -305,6 +312,7 @@ class Estimator:
             alias=self.mode == "global",
             shared_leaves=self.plan.shared_leaves,
             expand=self.plan.expand,
+            layout_modules=self._layout_modules,
             on_site=self._on_site,
         )
         self._capture = cap
@@ -359,7 +367,8 @@ class Estimator:
                 if self.mode == "global":
                     self._global_deltas(out, sites)
             # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
-            with torch.autocast(self._device_type, enabled=False):
+            # no autograd history for the statistics (the generic rule's torch.func transforms ignore no_grad)
+            with torch.autocast(self._device_type, enabled=False), torch.no_grad():
                 reduce_sites(self, sites, self.plan)
             return
         raise ImportanceError("captured tensors changed in place even on copies")

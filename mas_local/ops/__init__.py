@@ -59,8 +59,7 @@ def _check_precision(what: str, precision: str) -> None:
         raise ValueError(f"{what}: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-@torch.library.custom_op("mas_local::abs_gemm_acc_", mutates_args=("omega",))
-def abs_gemm_acc_(
+def _abs_gemm_acc(
     omega: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, backend: str = "auto", precision: str = "accurate"
 ) -> None:
     """``omega[out, in] += alpha * |a|ᵀ |b|`` for a ``[R, out]``, b ``[R, in]``; omega float32.
@@ -76,13 +75,15 @@ def abs_gemm_acc_(
     impl(omega, a, b, alpha, precision)
 
 
+abs_gemm_acc_ = torch.library.custom_op("mas_local::abs_gemm_acc_", mutates_args=("omega",))(_abs_gemm_acc)
+
+
 @abs_gemm_acc_.register_fake
 def _(omega, a, b, alpha=1.0, backend="auto", precision="accurate"):
     return None
 
 
-@torch.library.custom_op("mas_local::per_sample_abs_acc_", mutates_args=("omega",))
-def per_sample_abs_acc_(
+def _per_sample_abs_acc(
     omega: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, backend: str = "auto", precision: str = "accurate"
 ) -> None:
     """``omega[out, in] += alpha * Σ_b |a_bᵀ b_b|`` for a ``[B, T, out]``, b ``[B, T, in]``; omega float32.
@@ -98,6 +99,24 @@ def per_sample_abs_acc_(
     _check_precision("per_sample_abs_acc_", precision)
     _, impl = resolve("per_sample_abs_acc", omega.device, backend)
     impl(omega, a, b, alpha, precision)
+
+
+per_sample_abs_acc_ = torch.library.custom_op("mas_local::per_sample_abs_acc_", mutates_args=("omega",))(
+    _per_sample_abs_acc
+)
+
+
+class _Eager:
+    """The same ops without the dispatcher hop, for eager callers that never trace (the importance pass).
+
+    Call them under ``torch.no_grad()``: they do not record autograd history.
+    """
+
+    abs_gemm_acc_ = staticmethod(_abs_gemm_acc)
+    per_sample_abs_acc_ = staticmethod(_per_sample_abs_acc)
+
+
+eager = _Eager()
 
 
 @per_sample_abs_acc_.register_fake

@@ -95,7 +95,7 @@ class ConvRule(Rule):
             per_sample = scratch + 4 * (d.shape[2] * d.shape[3] * cols + d[0].numel())
             for rows in acc.chunks(xp.shape[0], bytes_per_sample=per_sample):
                 for out_rows, d_g, x_g in _unfolded_groups(m, xp[rows], pad, d[rows]):
-                    ops.per_sample_abs_acc_(omega[out_rows], d_g, x_g, 1.0, acc.backend, acc.precision)
+                    ops.eager.per_sample_abs_acc_(omega[out_rows], d_g, x_g, 1.0, acc.backend, acc.precision)
         if b is not None:
             acc.add_sum(b, d.float().sum((2, 3)).abs().sum(0))
 

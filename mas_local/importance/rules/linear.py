@@ -28,12 +28,12 @@ class LinearRule(Rule):
         w, b = params.get("weight"), params.get("bias")
         if w is not None:
             if x.shape[1] == 1:  # one position per sample: Σ_k|Δ_k x_kᵀ| = |Δ|ᵀ|X| (each term is rank 1)
-                ops.abs_gemm_acc_(acc.sum_of(w), d[:, 0], x[:, 0], 1.0, acc.backend, acc.precision)
+                ops.eager.abs_gemm_acc_(acc.sum_of(w), d[:, 0], x[:, 0], 1.0, acc.backend, acc.precision)
             else:
                 out_f, in_f = d.shape[-1], x.shape[-1]
                 per_sample = acc.per_sample_scratch(out_f, in_f, x.device) + 4 * (x[0].numel() + d[0].numel())
                 for rows in acc.chunks(x.shape[0], bytes_per_sample=per_sample):
-                    ops.per_sample_abs_acc_(acc.sum_of(w), d[rows], x[rows], 1.0, acc.backend, acc.precision)
+                    ops.eager.per_sample_abs_acc_(acc.sum_of(w), d[rows], x[rows], 1.0, acc.backend, acc.precision)
         if b is not None:
             acc.add_sum(b, d.float().sum(1).abs().sum(0))
 
@@ -57,7 +57,7 @@ class LinearRule(Rule):
             x2, y2 = x2[site.row_mask], y2[site.row_mask]
         if "weight" in params:
             w = params["weight"]
-            ops.abs_gemm_acc_(acc.sum_of(w), y2, x2, 1.0, acc.backend, acc.precision)
+            ops.eager.abs_gemm_acc_(acc.sum_of(w), y2, x2, 1.0, acc.backend, acc.precision)
             acc.add_count(w, x2.shape[0])
         if "bias" in params:
             b = params["bias"]
