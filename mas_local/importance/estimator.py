@@ -260,6 +260,8 @@ class Estimator:
         with guard:
             if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
                 self._global_batch(batch, n)
+            elif self.plan is None and not self.sharded and not self._any_training:
+                self._first_batch(batch, n)
             else:
                 if self.plan is None:
                     self.plan = self._make_plan(batch, n)
@@ -283,6 +285,10 @@ class Estimator:
             plan = probe.plan(self.params)
             if plan.expand:  # checked on this batch's capture: expanding must not change the model's output
                 self._probe, self._probe_out = probe, out.detach()
+        self._refuse_unreachable(plan)
+        return plan
+
+    def _refuse_unreachable(self, plan: Plan) -> None:
         if plan.unreachable:
             raise ImportanceError(
                 f"no exact {self.mode} '{self.estimator}' importance for {sorted(plan.unreachable)}: they are read "
@@ -290,7 +296,51 @@ class Estimator:
                 "in modules whose inputs or outputs are shared by the batch). Use mode='global', estimator='batch' "
                 "(one autograd pass over the whole model), or freeze them (requires_grad=False)"
             )
-        return plan
+
+    def _first_batch(self, batch: Any, n: int) -> None:
+        """The first batch in eval mode: the usage probe rides along with the capture of every module call, so
+        planning costs no forward of its own. Falls back to a planned re-run of the batch when the plan expands
+        shared calls or the model changes planned captures in place."""
+        probe = UsageProbe(self.model, self.params, n, self._positions, self.mode)
+        everything = list(self.model.modules())
+        cap = Capture(
+            self.model,
+            everything,
+            n,
+            positions=self._positions,
+            alias=self.mode == "global",
+            layout_modules=self._layout_modules,
+        )
+        grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
+        with grad_ctx:
+            probe.watch(tensor_leaves(batch))
+            self._capture = cap
+            try:
+                with cap, probe:
+                    out = self.output_fn(self._call(batch))
+            finally:
+                self._capture = None
+            _check_output(out, n)
+            if self.mode == "global":
+                probe.mark_shared_outputs(masked_squared_norm(out, self._mask), retain_graph=True)
+        plan = probe.plan(self.params)
+        self._refuse_unreachable(plan)
+        self.plan = plan
+        sites = [s for s in cap.sites if id(s.module) in plan.sites]
+        changed = {id(s.module) for s in sites if s.changed_in_place()}
+        if plan.expand or changed:
+            self._clone_modules |= changed
+            if changed:
+                self.notice_once("inplace", "a layer input or output is modified in place; capturing copies of it")
+            if plan.expand:
+                self._probe, self._probe_out = probe, out.detach()
+            self._update_through_sites(batch, n)
+            return
+        for s in sites:
+            for i in plan.shared_leaves.get(id(s.module), ()):
+                if i < len(s.in_dims):
+                    s.in_dims[i] = None
+        self._reduce_captured(out, sites)
 
     def _on_site(self, site: Site) -> None:
         if not self.sharded:
@@ -359,19 +409,25 @@ class Estimator:
                         "capturing copies of it for the rest of the pass",
                     )
                     continue
-                if self.mode == "local":
-                    self._local_deltas(sites)
-                for s in sites:
-                    for rule, _ in self.plan.sites[id(s.module)].groups:
-                        rule.check(self, s, self._needs_samples(rule, s))
-                if self.mode == "global":
-                    self._global_deltas(out, sites)
-            # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
-            # no autograd history for the statistics (the generic rule's torch.func transforms ignore no_grad)
-            with torch.autocast(self._device_type, enabled=False), torch.no_grad():
-                reduce_sites(self, sites, self.plan)
+            self._reduce_captured(out, sites)
             return
         raise ImportanceError("captured tensors changed in place even on copies")
+
+    def _reduce_captured(self, out: Tensor, sites: list[Site]) -> None:
+        """Δ of the captured calls, checks, and the statistics of one batch."""
+        grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
+        with grad_ctx:
+            if self.mode == "local":
+                self._local_deltas(sites)
+            for s in sites:
+                for rule, _ in self.plan.sites[id(s.module)].groups:
+                    rule.check(self, s, self._needs_samples(rule, s))
+            if self.mode == "global":
+                self._global_deltas(out, sites)
+        # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
+        # no autograd history for the statistics (the generic rule's torch.func transforms ignore no_grad)
+        with torch.autocast(self._device_type, enabled=False), torch.no_grad():
+            reduce_sites(self, sites, self.plan)
 
     def _local_deltas(self, sites: list[Site]) -> None:
         mask = self._mask

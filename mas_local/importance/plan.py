@@ -208,11 +208,12 @@ class UsageProbe(TorchFunctionMode):
             if dim is None and t.requires_grad and t.is_floating_point():
                 self.shared_outputs.append((id(module), t))
 
-    def mark_shared_outputs(self, loss: Tensor) -> None:
+    def mark_shared_outputs(self, loss: Tensor, retain_graph: bool = False) -> None:
         """Global mode: a call whose output without the batch dimension reaches the loss does not carry the batch."""
         if not self.shared_outputs or not loss.requires_grad:
             return
-        grads = torch.autograd.grad(loss, [t for _, t in self.shared_outputs], allow_unused=True)
+        targets = [t for _, t in self.shared_outputs]
+        grads = torch.autograd.grad(loss, targets, allow_unused=True, retain_graph=retain_graph)
         for (module_id, _), g in zip(self.shared_outputs, grads):
             if g is not None:
                 self.ineligible.add(module_id)
