@@ -115,7 +115,9 @@ def make_mas(spec: Any, model: nn.Module, who: str) -> MAS:
 def check_mas_spec(spec: Any, who: str) -> None:
     """A callback takes a MAS object or a dict of its settings; anything else is refused now."""
     if not isinstance(spec, (MAS, Mapping)):
-        raise TypeError(f"{who} takes a mas_local.MAS or a dict of MAS settings (lam, mode, ...), got {type(spec).__name__}")
+        raise TypeError(
+            f"{who} takes a mas_local.MAS or a dict of MAS settings (lam, mode, ...), got {type(spec).__name__}"
+        )
     if isinstance(spec, Mapping) and "model" in spec:
         raise TypeError(f"{who}: the MAS settings must not hold 'model'; the callback uses the model being trained")
 
