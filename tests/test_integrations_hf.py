@@ -314,3 +314,47 @@ def test_import_mas_local_imports_no_framework_and_a_missing_one_names_the_extra
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'mas-local[hf]'" in out.stdout and "transformers" in out.stdout
+
+
+def _ddp_worker(out: str) -> None:
+    """One rank of the DDP test (run by torchrun): task A with the callback, then this rank's Ω and weights."""
+    import torch.distributed as dist
+
+    transformers.logging.set_verbosity_error()
+    model = tiny_gpt2()
+    mas = ml.MAS(model, lam=LAM, progress=False)
+    args = training_args(out, 2, ddp_backend="gloo", per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=TASK_A, callbacks=[MASTrainerCallback(mas)])
+    trainer.train()
+    result = {
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "omega": mas.importance,
+        "params": {n: p.detach() for n, p in model.named_parameters()},
+    }
+    torch.save(result, os.path.join(out, f"rank{dist.get_rank()}.pt"))
+
+
+@pytest.mark.slow
+def test_trainer_ddp_ranks_consolidate_on_their_shares(tmp_path):
+    """Two gloo ranks under the Trainer's DDP: each consolidates on its half of task A, and Ω is that of all of it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+    out = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["wrapper"] for r in ranks] == ["DistributedDataParallel"] * 2
+    model = tiny_gpt2()
+    model.load_state_dict(ranks[0]["params"], strict=False)
+    batches = [
+        {k: torch.stack([TASK_A[i][k] for i in range(j, j + 4)]) for k in ("input_ids", "attention_mask")}
+        for j in range(0, 32, 4)
+    ]
+    expected = ml.compute_importance(model, batches, progress=False)  # one process, all 32 samples
+    for name, omega in expected.items():
+        assert torch.equal(ranks[0]["omega"][name], ranks[1]["omega"][name])
+        torch.testing.assert_close(ranks[0]["omega"][name], omega, rtol=1e-5, atol=1e-7)
+    state = torch.load(tmp_path / "checkpoint-2" / "mas_state.pt", weights_only=True)  # written once, by rank 0
+    assert state["num_tasks"] == 0
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1])
