@@ -267,7 +267,7 @@ def test_settings_dict_named_dataset_and_clipping_of_the_sum(tmp_path):
 
 def test_refuses_a_mas_of_another_model_and_bad_arguments(tmp_path):
     other = ml.MAS(tiny_gpt2(), progress=False)
-    with pytest.raises(ValueError, match="another model"):
+    with pytest.raises(ValueError, match="not part of"):
         Trainer(
             model=tiny_gpt2(),
             args=training_args(tmp_path, 1),

@@ -87,13 +87,11 @@ class PenaltyMeter:
     def __init__(self) -> None:
         self.total: Tensor | None = None
         self.count = 0
-        self.last: Tensor | None = None
 
     def add(self, value: Tensor) -> None:
         value = value.detach().float()
         self.total = value if self.total is None else self.total + value
         self.count += 1
-        self.last = value
 
     def pop_mean(self) -> float | None:
         """Mean since the last call (``None`` if no step ran), then reset."""
@@ -122,17 +120,21 @@ def check_mas_spec(spec: Any, who: str) -> None:
         raise TypeError(f"{who}: the MAS settings must not hold 'model'; the callback uses the model being trained")
 
 
+def inside(module: nn.Module, root: nn.Module) -> bool:
+    """``module`` is ``root`` or one of its submodules (wrappers looked through)."""
+    module, root = unwrap(module), unwrap(root)
+    return module is root or any(m is module for m in root.modules())
+
+
 def check_same_model(mas_model: nn.Module, model: nn.Module | None, who: str) -> None:
-    """Refuse to regularise ``model`` with a MAS built on another model object (wrappers looked through)."""
-    if model is None:
+    """Refuse a MAS built on a model that is neither the trained one nor one of its submodules."""
+    if model is None or inside(mas_model, model):
         return
-    if unwrap(model) is not unwrap(mas_model):
-        raise ValueError(
-            f"{who}: the MAS object regularises another model ({type(unwrap(mas_model)).__name__} at "
-            f"{id(unwrap(mas_model)):#x}) than the one being trained ({type(unwrap(model)).__name__} at "
-            f"{id(unwrap(model)):#x}); create MAS(model) on the model you train, or pass MAS settings "
-            "(a dict) so the callback creates it on that model"
-        )
+    raise ValueError(
+        f"{who}: the MAS object regularises a {type(unwrap(mas_model)).__name__} that is not part of the "
+        f"{type(unwrap(model)).__name__} being trained (another model object); create MAS on the model you train "
+        "or one of its submodules, or pass MAS settings (a dict) so the callback creates it on that model"
+    )
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:

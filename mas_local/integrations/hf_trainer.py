@@ -47,9 +47,9 @@ class MASTrainerCallback(TrainerCallback):
     """Train with MAS in a ``transformers.Trainer``: penalty gradient, consolidation, logging, checkpoints.
 
     Args:
-        mas: a :class:`mas_local.MAS` built on the model the Trainer trains, or a dict of MAS settings
-            (``{"lam": 100.0, "mode": "local"}``); with a dict the MAS is created on the Trainer's model when
-            training first begins (:attr:`mas`), and reused by later ``train()`` calls.
+        mas: a :class:`mas_local.MAS` built on the model the Trainer trains (or on one of its submodules), or a
+            dict of MAS settings (``{"lam": 100.0, "mode": "local"}``); with a dict the MAS is created on the
+            Trainer's model when training first begins (:attr:`mas`), and reused by later ``train()`` calls.
         consolidate_on: what :meth:`MAS.consolidate` runs on when training ends: ``"train"`` (default: the
             Trainer's own training data loader, so each DDP rank uses its share), ``"eval"`` (its last evaluation
             loader), a DataLoader or any iterable of batches, a ``torch.utils.data.Dataset`` (batched here with

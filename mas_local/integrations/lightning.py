@@ -8,11 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from torch import nn
-
-from ..distributed.groups import unwrap
 from ..regularizer import MAS
-from ._common import LABEL_KEYS, ConsolidationData, PenaltyMeter, check_mas_spec, missing_framework
+from ._common import LABEL_KEYS, ConsolidationData, check_mas_spec, check_same_model, missing_framework
 
 try:
     import lightning.pytorch as pl
@@ -71,7 +68,6 @@ class MASLightningCallback(pl.Callback):
         self.max_batches = max_batches
         self.log_name = log_name
         self.prog_bar = prog_bar
-        self.meter = PenaltyMeter()
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -79,18 +75,14 @@ class MASLightningCallback(pl.Callback):
             return
         if self.mas is None:
             self.mas = MAS(pl_module, **dict(self._spec))
-        elif not _inside(unwrap(self.mas.model), pl_module):
-            raise ValueError(
-                f"{WHO}: the MAS object regularises a {type(unwrap(self.mas.model)).__name__} that is not part of the "
-                f"{type(pl_module).__name__} being trained; create MAS on the LightningModule or one of its submodules"
-            )
+        else:
+            check_same_model(self.mas.model, pl_module, WHO)
         if self._pending is not None:
             self.mas.load_state_dict(self._pending)
             self._pending = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _refuse_sharding(trainer)
-        self.meter = PenaltyMeter()
         mas = self.mas
         if mas is not None and any(  # restored or consolidated before the model moved to its device
             mas.importance[n].device != p.device for n, p in mas.params.items() if n in mas.importance
@@ -107,7 +99,6 @@ class MASLightningCallback(pl.Callback):
                 f"each step); this Trainer has {len(trainer.optimizers)}: call mas.add_penalty_grad_() yourself"
             )
         value = self.mas.add_penalty_grad_()
-        self.meter.add(value)
         pl_module.log(self.log_name, value, on_step=True, on_epoch=False, prog_bar=self.prog_bar, batch_size=1)
 
     # ------------------------------------------------------------------ consolidation
@@ -132,7 +123,6 @@ class MASLightningCallback(pl.Callback):
             )
         batches = ConsolidationData(data, self.drop_keys, lambda b: trainer.strategy.batch_to_device(b))
         self.mas.consolidate(batches, max_batches=self.max_batches)
-        self.meter = PenaltyMeter()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -149,10 +139,6 @@ class MASLightningCallback(pl.Callback):
             self._pending = state_dict["mas"]
         else:
             self.mas.load_state_dict(state_dict["mas"])
-
-
-def _inside(module: nn.Module, root: nn.Module) -> bool:
-    return module is root or any(m is module for m in root.modules())
 
 
 def _refuse_sharding(trainer: pl.Trainer) -> None:
