@@ -218,6 +218,14 @@ def test_resume_from_checkpoint_restores_omega_and_the_next_penalty(after_task_a
     assert len(calls_fresh) == 2
     assert calls_fresh[0] == pytest.approx(calls[2], rel=1e-6)  # the step after the checkpoint: the same penalty
 
+    named = MASTrainerCallback(
+        ml.MAS(tiny_gpt2(), lam=LAM, progress=False), consolidate_on=None, resume_from=checkpoint
+    )
+    args_elsewhere = training_args(tmp_path / "elsewhere", 1)
+    Trainer(model=named.mas.model, args=args_elsewhere, train_dataset=TASK_B, callbacks=[named]).train()
+    assert named.mas.num_tasks == 1 and named.resume_from is None  # loaded once, at this start only
+    torch.testing.assert_close(named.mas.importance, after_task_a.mas.importance, rtol=0, atol=0)
+
     stripped = tmp_path / "no_state"
     shutil.copytree(checkpoint, stripped)
     os.remove(stripped / "mas_state.pt")

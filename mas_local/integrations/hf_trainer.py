@@ -65,8 +65,8 @@ class MASTrainerCallback(TrainerCallback):
         log_name: the key of the penalty in the Trainer's logs (mean over the optimizer steps since the last log).
         state_file: the MAS state's file name inside each checkpoint folder, and in ``output_dir`` after the
             consolidation.
-        resume_from: the folder (or file) to load the MAS state from when training starts; by default, when the
-            Trainer resumes at step N, ``output_dir/checkpoint-N/<state_file>``.
+        resume_from: the folder (or file) to load the MAS state from when training next starts (once); by default,
+            when the Trainer resumes at step N, ``output_dir/checkpoint-N/<state_file>``.
         batch_size, collate_fn: how a ``Dataset`` given as ``consolidate_on`` is batched (default: the Trainer's
             ``per_device_eval_batch_size`` and ``transformers.default_data_collator``).
 
@@ -138,8 +138,8 @@ class MASTrainerCallback(TrainerCallback):
             self.load_state(path)
 
     def _resume_path(self, args, state) -> str | None:
-        if self.resume_from is not None:
-            path = os.fspath(self.resume_from)
+        if self.resume_from is not None:  # used once: a later train() (the next task) must not load it again
+            path, self.resume_from = os.fspath(self.resume_from), None
             return os.path.join(path, self.state_file) if os.path.isdir(path) else path
         if state.global_step <= 0:  # a fresh run: nothing to restore
             return None
@@ -155,7 +155,8 @@ class MASTrainerCallback(TrainerCallback):
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Load a MAS state saved by this callback (``torch.load(..., weights_only=True)``)."""
-        assert self.mas is not None
+        if self.mas is None:
+            raise RuntimeError(f"{WHO}: no MAS yet to load {os.fspath(path)!r} into; it is made when training begins")
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.mas.load_state_dict(state)
 
