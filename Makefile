@@ -2,12 +2,12 @@
 # created and filled on first use (CPU torch pinned: a bare `torch` pulls CUDA).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEPS := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest pytest-benchmark transformers scikit-learn matplotlib ruff ninja setuptools wheel
+DEPS := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest pytest-benchmark transformers accelerate lightning scikit-learn matplotlib ruff ninja setuptools wheel
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench lint build clean gpu-check
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(DEPS)
 	touch $@
