@@ -19,9 +19,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from ... import ops
 from ...layers import TRANSFORMERS_CONV1D_MODULE, mas_conv1d_class
 from .base import Rule
 from .linear import LinearRule
@@ -32,58 +29,7 @@ log = logging.getLogger("mas_local")
 class Conv1DRule(LinearRule):
     """Importance of ``transformers.pytorch_utils.Conv1D`` / ``MASConv1D`` parameters (``weight [in, out]``)."""
 
-    param_names = ("weight", "bias")
-    hebbian = True
-
-    def add_sample_abs(self, acc, site, params):
-        x, d = self._rows(acc, site)
-        w, b = params.get("weight"), params.get("bias")
-        if w is not None:
-            if x.shape[1] == 1:  # one position per sample: Σ_k|x_k Δ_kᵀ| = |X|ᵀ|Δ| (each term is rank 1)
-                ops.eager.abs_gemm_acc_(acc.sum_of(w), x[:, 0], d[:, 0], 1.0, acc.backend, acc.precision)
-            else:
-                in_f, out_f = x.shape[-1], d.shape[-1]
-                per_sample = acc.per_sample_scratch(in_f, out_f, x.device) + 4 * (x[0].numel() + d[0].numel())
-                for rows in acc.chunks(x.shape[0], bytes_per_sample=per_sample):
-                    ops.eager.per_sample_abs_acc_(acc.sum_of(w), x[rows], d[rows], 1.0, acc.backend, acc.precision)
-        if b is not None:
-            acc.add_sum(b, d.float().sum(1).abs().sum(0))
-
-    def batch_grads(self, acc, site, params):
-        x2 = site.x.reshape(-1, site.x.shape[-1]).float()
-        d2 = site.delta.reshape(-1, site.delta.shape[-1]).float()
-        out = {}
-        if "weight" in params:
-            out["weight"] = x2.t() @ d2
-        if "bias" in params:
-            out["bias"] = d2.sum(0)
-        return out
-
-    def add_hebbian(self, acc, site, params):
-        # Ω_ij = (1/R) Σ_r |x_ri||y_rj|: every position is one event, the layout does not matter
-        y = site.judged_output
-        x2 = site.x.reshape(-1, site.x.shape[-1])
-        y2 = y.reshape(-1, y.shape[-1])
-        if site.row_mask is not None:  # real positions only
-            x2, y2 = x2[site.row_mask], y2[site.row_mask]
-        if "weight" in params:
-            w = params["weight"]
-            ops.eager.abs_gemm_acc_(acc.sum_of(w), x2, y2, 1.0, acc.backend, acc.precision)
-            acc.add_count(w, x2.shape[0])
-        if "bias" in params:
-            b = params["bias"]
-            acc.add_sum(b, y2.float().abs().sum(0))
-            acc.add_count(b, x2.shape[0])
-
-    def per_sample_grads(self, acc, site, params, rows):
-        x, d = self._rows(acc, site)
-        x, d = x[rows].float(), d[rows].float()
-        out = {}
-        if "weight" in params:
-            out["weight"] = torch.einsum("bti,bto->bio", x, d)
-        if "bias" in params:
-            out["bias"] = d.sum(1)
-        return out
+    transposed = True  # the Linear rule's products with their operands swapped
 
 
 def _register(register: Callable[[type, Rule], None], rule: Rule) -> None:

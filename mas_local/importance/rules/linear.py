@@ -12,6 +12,12 @@ from .base import Rule
 class LinearRule(Rule):
     param_names = ("weight", "bias")
     hebbian = True
+    #: the weight is laid out [in, out] (Hugging Face's Conv1D): every product swaps its operands
+    transposed = False
+
+    def _pair(self, out_side: Tensor, in_side: Tensor) -> tuple[Tensor, Tensor]:
+        """The operands of a weight-shaped product, in the weight's layout."""
+        return (in_side, out_side) if self.transposed else (out_side, in_side)
 
     @staticmethod
     def _rows(acc, site) -> tuple[Tensor, Tensor]:
@@ -28,12 +34,14 @@ class LinearRule(Rule):
         w, b = params.get("weight"), params.get("bias")
         if w is not None:
             if x.shape[1] == 1:  # one position per sample: Σ_k|Δ_k x_kᵀ| = |Δ|ᵀ|X| (each term is rank 1)
-                ops.eager.abs_gemm_acc_(acc.sum_of(w), d[:, 0], x[:, 0], 1.0, acc.backend, acc.precision)
+                ops.eager.abs_gemm_acc_(acc.sum_of(w), *self._pair(d[:, 0], x[:, 0]), 1.0, acc.backend, acc.precision)
             else:
                 out_f, in_f = d.shape[-1], x.shape[-1]
                 per_sample = acc.per_sample_scratch(out_f, in_f, x.device) + 4 * (x[0].numel() + d[0].numel())
                 for rows in acc.chunks(x.shape[0], bytes_per_sample=per_sample):
-                    ops.eager.per_sample_abs_acc_(acc.sum_of(w), d[rows], x[rows], 1.0, acc.backend, acc.precision)
+                    ops.eager.per_sample_abs_acc_(
+                        acc.sum_of(w), *self._pair(d[rows], x[rows]), 1.0, acc.backend, acc.precision
+                    )
         if b is not None:
             acc.add_sum(b, d.float().sum(1).abs().sum(0))
 
@@ -43,7 +51,8 @@ class LinearRule(Rule):
         d2 = site.delta.reshape(-1, site.delta.shape[-1]).float()
         out = {}
         if "weight" in params:
-            out["weight"] = d2.t() @ x2
+            a, b = self._pair(d2, x2)
+            out["weight"] = a.t() @ b
         if "bias" in params:
             out["bias"] = d2.sum(0)
         return out
@@ -57,7 +66,7 @@ class LinearRule(Rule):
             x2, y2 = x2[site.row_mask], y2[site.row_mask]
         if "weight" in params:
             w = params["weight"]
-            ops.eager.abs_gemm_acc_(acc.sum_of(w), y2, x2, 1.0, acc.backend, acc.precision)
+            ops.eager.abs_gemm_acc_(acc.sum_of(w), *self._pair(y2, x2), 1.0, acc.backend, acc.precision)
             acc.add_count(w, x2.shape[0])
         if "bias" in params:
             b = params["bias"]
@@ -69,7 +78,7 @@ class LinearRule(Rule):
         x, d = x[rows].float(), d[rows].float()
         out = {}
         if "weight" in params:
-            out["weight"] = torch.einsum("bto,bti->boi", d, x)
+            out["weight"] = torch.einsum("bti,btj->bij", *self._pair(d, x))
         if "bias" in params:
             out["bias"] = d.sum(1)
         return out
