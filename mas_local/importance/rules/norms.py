@@ -30,7 +30,7 @@ class _AffineNorm(Rule):
         """x̂ (float32 or float64) for a batch-first input ``x``."""
         raise NotImplementedError
 
-    def _exact(self, site) -> bool:
+    def _exact(self, acc, site) -> bool:
         return True
 
     def check(self, acc, site, per_sample):
@@ -52,7 +52,7 @@ class _AffineNorm(Rule):
         return d.reshape(b, -1, *shape), xhat.reshape(b, -1, *shape)
 
     def per_sample_grads(self, acc, site, params, rows):
-        if not self._exact(site):
+        if not self._exact(acc, site):
             return _GENERIC.per_sample_grads(acc, site, params, rows)
         d, xhat = self._per_position(site, rows)
         out = {}
@@ -63,7 +63,7 @@ class _AffineNorm(Rule):
         return out
 
     def batch_grads(self, acc, site, params):
-        if mixes_samples(site.module) or not self._exact(site):
+        if mixes_samples(site.module) or not self._exact(acc, site):
             return _GENERIC.batch_grads(acc, site, params)
         return {k: g.sum(0) for k, g in self.per_sample_grads(acc, site, params, slice(0, acc.batch_samples)).items()}
 
@@ -101,18 +101,19 @@ class RMSNormRule(_AffineNorm):
         xhat = xc * torch.rsqrt(xc.pow(2).mean(dims, keepdim=True) + self._eps(m, x))
         return xhat.to(x.dtype).to(xc.dtype) if self.recognise else xhat  # as HF: x̂ in the input dtype
 
-    def _exact(self, site):
+    def _exact(self, acc, site):
         if not self.recognise:
             return True
-        same = getattr(site, "closed_form_checked", None)
-        if same is None:  # once per call: does the module compute w ⊙ x̂?
+        checked = acc.__dict__.setdefault("closed_form_checked", {})  # decided once per module and pass
+        same = checked.get(id(site.module))
+        if same is None:  # does the module compute w ⊙ x̂?
             m, x, y = site.module, site.x, site.outputs[0]
             weight = site.live["weight"] if site.live and "weight" in site.live else m.weight
             with torch.no_grad():
                 want = weight.to(y.dtype) * self.normalized(site, x).to(y.dtype)
             tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(y.dtype, 1e-2)
             same = want.shape == y.shape and torch.allclose(want, y, rtol=tol, atol=tol * float(y.abs().max()))
-            site.closed_form_checked = same
+            checked[id(site.module)] = same
         return same
 
 
