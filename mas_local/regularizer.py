@@ -281,26 +281,7 @@ class MAS:
         return omega
 
     def _resume(self, est: Estimator, path: str) -> None:
-        """Load a pass checkpoint into ``est``; a truncated, foreign or mismatched file is refused naming it."""
-        state = checkpoint.load_checkpoint(path)  # a truncated or non-torch file: ValueError naming it
-        if not isinstance(state, dict) or "mas_task" not in state or "fingerprint" not in state:
-            raise ValueError(
-                f"{path!r} is not a mas-local importance-pass checkpoint (a {type(state).__name__} without the "
-                "pass statistics); remove it to start the pass over, or pass another checkpoint_path"
-            )
-        task = state["mas_task"]
-        if task != self.num_tasks:
-            raise ValueError(
-                f"checkpoint {path!r} belongs to task {task!r}, this MAS is consolidating task "
-                f"{self.num_tasks}; remove it to start over"
-            )
-        try:
-            est.load_state_dict(state)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(
-                f"cannot resume from the importance-pass checkpoint {path!r}: {exc}; it was written by another "
-                "model or other settings: remove it to start the pass over"
-            ) from exc
+        checkpoint.resume_pass(est, path, self.num_tasks)
 
     def commit(self, task_omega: dict[str, Tensor]) -> dict[str, Tensor]:
         """Accumulate an already estimated task Ω (e.g. merged across processes) and snapshot θ*; returns it detached.

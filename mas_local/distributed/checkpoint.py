@@ -39,3 +39,26 @@ def load_checkpoint(path: str) -> Any:
             f"cannot read the importance-pass checkpoint {path!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "it is truncated or not a mas-local pass checkpoint: remove it to start the pass over"
         ) from exc
+
+
+def resume_pass(est: Any, path: str, task: int) -> None:
+    """Load a pass checkpoint of consolidation ``task`` into ``est``; a truncated, foreign or mismatched file
+    is refused with a ``ValueError`` naming it."""
+    state = load_checkpoint(path)  # a truncated or non-torch file: ValueError naming it
+    if not isinstance(state, dict) or "mas_task" not in state or "fingerprint" not in state:
+        raise ValueError(
+            f"{path!r} is not a mas-local importance-pass checkpoint (a {type(state).__name__} without the "
+            "pass statistics); remove it to start the pass over, or pass another checkpoint_path"
+        )
+    if state["mas_task"] != task:
+        raise ValueError(
+            f"checkpoint {path!r} belongs to task {state['mas_task']!r}, this MAS is consolidating task "
+            f"{task}; remove it to start over"
+        )
+    try:
+        est.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"cannot resume from the importance-pass checkpoint {path!r}: {exc}; it was written by another "
+            "model or other settings: remove it to start the pass over"
+        ) from exc

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..config import DEFAULT_CHUNK_BYTES, Activation, ImportanceConfig
 from ..distributed.fsdp import full_params, is_dtensor, reshard
@@ -40,61 +39,20 @@ from .batches import (
     tensor_leaves,
 )
 from .capture import Capture, Site
+from .deltas import global_deltas, local_deltas
+from .guards import (
+    check_checkpointing,
+    check_output,
+    preserved_buffers,
+    preserved_state,
+)
 from .layouts import is_sequence_first
-from .masks import aligned_mask, masked_squared_norm, row_mask
+from .masks import masked_squared_norm
 from .plan import Plan, UsageProbe, registration_plan
 from .reduction import reduce_sites
 from .statistics import Statistics
 
 log = logging.getLogger("mas_local")
-
-
-def _saved_buffers(model: nn.Module) -> list:
-    return [(m, k, b, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
-
-
-def _restore_buffers(saved: list) -> None:
-    with torch.no_grad():
-        for m, k, b, copy in saved:
-            m._buffers[k] = b
-            b.copy_(copy)
-
-
-@contextlib.contextmanager
-def preserved_state(model: nn.Module):
-    """Run a throw-away forward: buffers (BatchNorm statistics) and RNG states are restored afterwards."""
-    saved = _saved_buffers(model)
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            _restore_buffers(saved)
-
-
-@contextlib.contextmanager
-def preserved_buffers(model: nn.Module):
-    """Buffers are restored if the body raises (a failed estimate leaves the model as it was)."""
-    saved = _saved_buffers(model)
-    try:
-        yield
-    except BaseException:
-        _restore_buffers(saved)
-        raise
-
-
-def _check_checkpointing(model: nn.Module) -> None:
-    """Reentrant activation checkpointing hides module calls from ``autograd.grad``: refuse it clearly."""
-    for m in model.modules():
-        func = getattr(m, "_gradient_checkpointing_func", None)
-        if not (m.training and getattr(m, "gradient_checkpointing", False) and func is not None):
-            continue
-        if getattr(func, "keywords", {}).get("use_reentrant", False):
-            raise ImportanceError(
-                f"{type(m).__name__} uses reentrant activation checkpointing (use_reentrant=True), which runs its "
-                "forward without autograd; estimate in eval mode (the default eval_mode=True turns checkpointing "
-                "off) or enable checkpointing with use_reentrant=False"
-            )
 
 
 class Estimator:
@@ -249,7 +207,7 @@ class Estimator:
         """Add one batch to the statistics. An error leaves the model and its buffers untouched."""
         check_batch(self.model, batch, self.stats.batches, self._param_devices, self._param_dtypes)
         if self._any_training is None:  # module modes do not change during a pass (run_pass sets them)
-            _check_checkpointing(self.model)
+            check_checkpointing(self.model)
             self._any_training = any(m.training for m in self.model.modules())
         n = batch_size(batch)
         self.batch_samples = n
@@ -279,7 +237,7 @@ class Estimator:
                 probe.watch(tensor_leaves(batch))  # everything the user passes, whatever forward_fn reads
                 with probe:
                     out = self.output_fn(self._call(batch))
-                _check_output(out, n)
+                check_output(out, n)
                 if self.mode == "global":
                     probe.mark_shared_outputs(masked_squared_norm(out, self._mask))
             plan = probe.plan(self.params)
@@ -320,7 +278,7 @@ class Estimator:
                     out = self.output_fn(self._call(batch))
             finally:
                 self._capture = None
-            _check_output(out, n)
+            check_output(out, n)
             if self.mode == "global":
                 probe.mark_shared_outputs(masked_squared_norm(out, self._mask), retain_graph=True)
         plan = probe.plan(self.params)
@@ -371,7 +329,7 @@ class Estimator:
                 out = self.output_fn(self._call(batch))
         finally:
             self._capture = None
-        _check_output(out, n)
+        check_output(out, n)
         return out, cap.sites
 
     def _same_output(self, out: Tensor) -> bool:
@@ -430,42 +388,10 @@ class Estimator:
             reduce_sites(self, sites, self.plan)
 
     def _local_deltas(self, sites: list[Site]) -> None:
-        mask = self._mask
-        for s in sites:
-            s.outputs = [t.detach() for t in s.outputs]
-            if mask is not None and not s.batched:
-                _expand_shared(s, mask)
-            # a module is judged by its output as the model is: the tensor, or a tuple's first element
-            s.deltas = [t if i == 0 and t.is_floating_point() else None for i, t in enumerate(s.outputs)]
-            act = self.activation_of.get(id(s.module))
-            if act is not None:
-                _apply_activation(s, act)
-            if mask is None or s.delta is None:
-                continue
-            m = aligned_mask(s.outputs[0], s.out_dims[0], mask)
-            if m is not None:  # ½‖y_k‖² over real positions only
-                s.deltas[0] = s.deltas[0] * m
-            if s.args and isinstance(s.x, Tensor) and s.x.is_floating_point():
-                s.row_mask = row_mask(s.x, s.x_dim, mask)
+        local_deltas(sites, self._mask, self.activation_of)
 
     def _global_deltas(self, out: Tensor, sites: list[Site]) -> None:
-        loss = masked_squared_norm(out, self._mask)
-        if not loss.requires_grad:
-            raise ImportanceError("the model output does not depend on any trainable parameter")
-        targets = [t for s in sites for t in s.targets if t.requires_grad]
-        covered = {id(p) for s in sites for _, params in self.plan.sites[id(s.module)].groups for p in params.values()}
-        uncovered = [p for p in self.params.values() if id(p) not in covered]
-        grads = torch.autograd.grad(loss, targets + uncovered, allow_unused=True)
-        by_id = {id(t): g for t, g in zip(targets, grads[: len(targets)])}
-        for s in sites:
-            s.deltas = [by_id.get(id(t)) for t in s.targets]
-        used_elsewhere = [self.names[id(p)] for p, g in zip(uncovered, grads[len(targets) :]) if g is not None]
-        if used_elsewhere:
-            raise ImportanceError(
-                "these parameters reach the output through module calls other than those found on the first "
-                f"batch of the pass, so their per-sample gradients cannot be attributed: {used_elsewhere}. "
-                "Use estimator='batch' for this model, or freeze them (requires_grad=False)"
-            )
+        global_deltas(self, out, sites)
 
     def _global_batch(self, batch: Any, n: int) -> None:
         with torch.enable_grad():
@@ -485,48 +411,3 @@ class Estimator:
             return self._forward(batch, n)
         finally:
             self.plan = plan
-
-
-def _expand_shared(site: Site, mask: Tensor) -> None:
-    """Local mode, a call shared by the batch whose output is laid out ``[1, T, ...]`` (a position embedding):
-    every sample sees it over its own real positions, so it becomes that call expanded to the batch."""
-    n, positions = mask.shape
-    y = site.outputs[0] if site.outputs else None
-    if y is None or y.dim() < 2 or y.shape[0] != 1 or y.shape[1] != positions:
-        return
-    leaves, spec = tree_flatten((site.args, site.kwargs))
-    for i, t in enumerate(leaves):
-        if isinstance(t, Tensor) and not isinstance(t, nn.Parameter) and t.dim() >= 1 and t.shape[0] == 1:
-            leaves[i] = t.expand(n, *t.shape[1:])
-            site.in_dims[i] = 0
-    site.args, site.kwargs = tree_unflatten(leaves, spec)
-    site.outputs[0] = y.expand(n, *y.shape[1:])
-    site.out_dims[0] = 0
-
-
-def _check_output(out: Any, n: int) -> None:
-    if not isinstance(out, Tensor):
-        raise ImportanceError(f"output_fn returned {type(out).__name__}, expected a Tensor")
-    if out.dim() == 0 or out.shape[0] != n:
-        raise ImportanceError(
-            f"the model output has shape {tuple(out.shape)}, which has no batch dimension of size {n}; "
-            "MAS needs one output per sample (pass output_fn to select it)"
-        )
-    if not torch.isfinite(out).all():
-        raise ImportanceError("the model output contains NaN or Inf values; importance would be meaningless")
-
-
-def _apply_activation(site: Site, act: Callable[[Tensor], Tensor]) -> None:
-    """Judge the layer by a = act(y): hebbian pairs |a| with |x|; sample/batch use Δ = ∂(½‖a‖²)/∂y."""
-    y = site.outputs[0]
-    with torch.enable_grad():
-        leaf = y.detach().requires_grad_(True)
-        a = act(leaf)
-        if not isinstance(a, Tensor) or a.shape != y.shape:
-            raise ImportanceError(
-                f"the activation for {type(site.module).__name__} must return a tensor of the layer's output "
-                f"shape {tuple(y.shape)}, got {tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}"
-            )
-        (delta,) = torch.autograd.grad(0.5 * a.float().pow(2).sum(), leaf, allow_unused=True)
-    site.activated = a.detach()
-    site.deltas[0] = torch.zeros_like(y) if delta is None else delta
