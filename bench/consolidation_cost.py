@@ -177,14 +177,33 @@ def main(argv=None) -> int:
         "≤ 2.0",
     )
     model, data = models.token_mlp()
-    t = best({"loop": per_sample_loop, "sample": consolidation("global", "sample")}, model, data, args.repeats)
+    name = "token MLP [32,128,256] 256→1024→256"
+    t = best(
+        {
+            "loop": per_sample_loop,
+            "sample": consolidation("global", "sample"),
+            "micro": consolidation("global", "sample", micro_batch=4),
+        },
+        model,
+        data,
+        args.repeats,
+    )
     loop_mib = peak_mib(per_sample_loop, model, data)
     sample_mib = peak_mib(consolidation("global", "sample"), model, data)
-    add("token MLP [32,128,256] 256→1024→256", "per-sample loop ÷ global sample", t["loop"], t["sample"], "≥ 1.3")
+    micro_mib = peak_mib(consolidation("global", "sample", micro_batch=4), model, data)
+    add(name, "per-sample loop ÷ global sample", t["loop"], t["sample"], "≥ 1.3")
     add(
-        "token MLP [32,128,256] 256→1024→256",
-        f"peak memory global sample ÷ loop ({sample_mib:.0f} / {loop_mib:.0f} MiB)",
+        name,
+        f"peak extra memory, global sample ÷ loop ({sample_mib:.0f} / {loop_mib:.0f} MiB)",
         sample_mib,
+        max(loop_mib, 1e-9),
+        "≤ 2",
+    )
+    add(name, "per-sample loop ÷ global sample, micro_batch=4", t["loop"], t["micro"], "≥ 1.3")
+    add(
+        name,
+        f"peak extra memory, micro_batch=4 ÷ loop ({micro_mib:.0f} / {loop_mib:.0f} MiB)",
+        micro_mib,
         max(loop_mib, 1e-9),
         "≤ 2",
     )

@@ -42,6 +42,8 @@ class ImportanceConfig:
     chunk_bytes: memory bound for the per-sample work of one module call.
     activation: local mode only: judge Linear/Conv layers by ``act(y)``.
     precision: operand precision of the fused GEMMs (``"accurate" | "exact" | "fast"``).
+    micro_batch: run each batch in pieces of at most this many samples (``sample`` and ``hebbian`` only:
+        their statistics add up over any split, so Ω is the same and activation memory is bounded).
     eval_mode: run the pass in ``eval()`` and restore each module's mode afterwards.
     progress: show a tqdm bar (hidden off a terminal).
     sync / process_group: data-parallel passes (see ``docs/distributed.md``).
@@ -56,6 +58,7 @@ class ImportanceConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     activation: Activation = None
     precision: str = "accurate"
+    micro_batch: int | None = None
     eval_mode: bool = True
     progress: bool = True
     sync: bool | None = None
@@ -91,6 +94,13 @@ class ImportanceConfig:
             if not callable(self.activation) and not isinstance(self.activation, Mapping):
                 raise TypeError(
                     f"activation must be a callable or a mapping of module names to callables, got {self.activation!r}"
+                )
+        if self.micro_batch is not None:
+            if isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int) or self.micro_batch < 1:
+                raise ValueError(f"micro_batch must be a positive int or None, got {self.micro_batch!r}")
+            if estimator == "batch":
+                raise ValueError(
+                    "micro_batch does not apply to estimator='batch': |g_B| is taken over the whole batch"
                 )
         if self.sync not in (None, True, False):
             raise ValueError(f"sync must be None, True or False, got {self.sync!r}")

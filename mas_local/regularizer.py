@@ -90,6 +90,7 @@ class MAS:
         process_group: Any = None,
         activation: Activation = None,
         precision: str = "accurate",
+        micro_batch: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -103,6 +104,7 @@ class MAS:
             chunk_bytes=chunk_bytes,
             activation=activation,
             precision=precision,
+            micro_batch=micro_batch,
             progress=progress,
             sync=sync,
             process_group=process_group,

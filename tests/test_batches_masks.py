@@ -163,3 +163,22 @@ def test_shared_position_embedding_is_exact(collapse, caplog):
     assert (id(model.pos) in est.plan.expand) != collapse  # expanded unless that changes the output
     assert ("not expanding" in caplog.text) == collapse
     assert_close(est.result(), oracles.global_sample(model, [ids]))
+
+
+@pytest.mark.parametrize("mode,estimator", [("global", "sample"), ("local", "hebbian"), ("local", "sample")])
+def test_micro_batches_give_the_same_importance(mode, estimator):
+    torch.manual_seed(0)
+    model = MaskedTokens().double().eval()
+    ids, mask = _tokens()
+    batches = [{"input_ids": ids, "attention_mask": mask}, ({"input_ids": ids[:2], "attention_mask": mask[:2]}, 0)]
+    whole = ml.compute_importance(model, batches, mode=mode, estimator=estimator, progress=False)
+    pieces = ml.compute_importance(model, batches, mode=mode, estimator=estimator, micro_batch=2, progress=False)
+    for k in whole:
+        torch.testing.assert_close(pieces[k], whole[k], rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batch_is_validated():
+    with pytest.raises(ValueError, match="estimator='batch'"):
+        ml.MAS(MaskedTokens(), estimator="batch", micro_batch=2)
+    with pytest.raises(ValueError, match="positive int"):
+        ml.compute_importance(MaskedTokens(), [torch.zeros(2, 3, dtype=torch.long)], micro_batch=0)

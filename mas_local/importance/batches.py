@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ImportanceError
 
@@ -141,3 +141,10 @@ def check_batch(
                 f"batch {index}: input tensor has dtype {t.dtype} but the model's parameters are "
                 f"{next(iter(float_dtypes))}; convert the data (or run under torch.autocast)"
             )
+
+
+def slice_batch(batch: Any, start: int, stop: int, n: int) -> Any:
+    """Samples ``start:stop`` of a batch: every tensor whose leading dimension is the batch size is cut."""
+    leaves, spec = tree_flatten(batch)
+    cut = [t[start:stop] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t for t in leaves]
+    return tree_unflatten(cut, spec)

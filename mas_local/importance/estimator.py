@@ -36,6 +36,7 @@ from .batches import (
     default_output_fn,
     position_mask,
     sequence_length,
+    slice_batch,
     tensor_leaves,
 )
 from .capture import Capture, Site
@@ -210,22 +211,31 @@ class Estimator:
             check_checkpointing(self.model)
             self._any_training = any(m.training for m in self.model.modules())
         n = batch_size(batch)
-        self.batch_samples = n
-        self._mask = position_mask(self.config.mask, batch, n)
-        self._positions = sequence_length(batch, self._mask)
+        step = self.config.micro_batch
         # in train mode a forward updates buffers (BatchNorm statistics): a failed batch restores them
         guard = preserved_buffers(self.model) if self._any_training else nullcontext()
         with guard:
-            if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
-                self._global_batch(batch, n)
-            elif self.plan is None and not self.sharded and not self._any_training:
-                self._first_batch(batch, n)
-            else:
-                if self.plan is None:
-                    self.plan = self._make_plan(batch, n)
-                self._update_through_sites(batch, n)
+            if step is None or n <= step:
+                self._update_one(batch, n)
+            else:  # per-sample statistics add up over any split of the batch: bounded activation memory
+                for start in range(0, n, step):
+                    stop = min(n, start + step)
+                    self._update_one(slice_batch(batch, start, stop, n), stop - start)
         self.stats.samples += n
         self.stats.batches += 1
+
+    def _update_one(self, batch: Any, n: int) -> None:
+        self.batch_samples = n
+        self._mask = position_mask(self.config.mask, batch, n)
+        self._positions = sequence_length(batch, self._mask)
+        if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
+            self._global_batch(batch, n)
+        elif self.plan is None and not self.sharded and not self._any_training:
+            self._first_batch(batch, n)
+        else:
+            if self.plan is None:
+                self.plan = self._make_plan(batch, n)
+            self._update_through_sites(batch, n)
 
     def _make_plan(self, batch: Any, n: int) -> Plan:
         if self.sharded:  # FSDP2 swaps parameter objects during the forward: plan by registration

@@ -96,6 +96,7 @@ def compute_importance(
     process_group: Any = None,
     activation: Activation = None,
     precision: str = "accurate",
+    micro_batch: int | None = None,
 ) -> dict[str, Tensor]:
     """Estimate MAS importance Ω for every trainable parameter of ``model``.
 
@@ -130,6 +131,9 @@ def compute_importance(
             mapping from module names/glob patterns to callables).
         precision: operand precision of the fused GEMMs on GPUs: ``"accurate"``, ``"exact"``
             or ``"fast"`` (``docs/math.md``). CPU backends are always exact.
+        micro_batch: run each batch in pieces of at most this many samples; Ω is unchanged (per-sample
+            statistics add up over any split) and activation memory is bounded. ``sample`` and
+            ``hebbian`` only.
 
     Returns:
         ``{parameter name: Ω}``, float32, detached, on each parameter's device. Parameters
@@ -146,6 +150,7 @@ def compute_importance(
         chunk_bytes=chunk_bytes,
         activation=activation,
         precision=precision,
+        micro_batch=micro_batch,
         eval_mode=eval_mode,
         progress=progress,
         sync=sync,
