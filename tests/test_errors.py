@@ -198,3 +198,36 @@ def test_precision_is_validated_and_reaches_the_op(monkeypatch):
     mas = ml.MAS(MLP(), mode="local", precision="fast", progress=False)
     mas.consolidate([torch.randn(3, 13)])
     assert seen and set(seen) == {"fast"}
+
+
+def test_parameter_reaching_the_output_another_way_on_a_later_batch_is_refused():
+    """Plans are made on the first batch; global sample checks every later batch against them."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.extra = nn.Linear(3, 3)  # never called: its weight is read directly on odd-sized batches
+
+        def forward(self, x):
+            h = self.lin(x)
+            if x.shape[0] % 2:
+                h = torch.nn.functional.linear(h, self.extra.weight)
+            return h
+
+    with pytest.raises(ml.ImportanceError, match=r"extra\.weight.*estimator='batch'"):
+        ml.compute_importance(Branchy(), [torch.randn(4, 4), torch.randn(3, 4)], progress=False)
+
+
+def test_packed_sequences_are_refused_for_per_sample_estimators():
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=True)
+
+        def forward(self, x):
+            packed = nn.utils.rnn.pack_padded_sequence(x, [x.shape[1]] * x.shape[0], batch_first=True)
+            return self.rnn(packed)[1][-1]
+
+    with pytest.raises(ml.ImportanceError, match="PackedSequence"):
+        ml.compute_importance(Packed(), [torch.randn(2, 5, 3)], progress=False)

@@ -83,11 +83,6 @@ def _mask_dim(name: str, t: Tensor, module: nn.Module) -> int | None:
 
 def _declared_dim(module: nn.Module, name: str, t: Any, n: int) -> int | None:
     if not isinstance(t, Tensor):
-        if isinstance(t, PackedSequence):
-            raise ImportanceError(
-                f"{type(module).__name__} got a PackedSequence: per-sample importance needs padded batches "
-                "(use estimator='batch' or pad the sequences)"
-            )
         return None
     if "mask" in name:
         return _mask_dim(name, t, module)
@@ -114,6 +109,11 @@ def input_dims(
     for name, value in bound.items():
         if name == "self":
             continue
+        if isinstance(value, PackedSequence):  # pytree would flatten it into its data and lengths
+            raise ImportanceError(
+                f"{type(module).__name__} got a PackedSequence: per-sample importance needs padded batches "
+                "(use estimator='batch' or pad the sequences)"
+            )
         for leaf in tree_flatten(value)[0]:
             by_leaf[id(leaf)] = _declared_dim(module, name, leaf, n)
     for t in leaves:
