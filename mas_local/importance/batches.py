@@ -113,17 +113,9 @@ def sequence_length(batch: Any, mask: Tensor | None) -> int | None:
     return None
 
 
-def check_batch(
-    model: nn.Module, batch: Any, index: int, devices: set | None = None, float_dtypes: set | None = None
-) -> None:
-    """Clear errors for inputs on the wrong device or in the wrong floating dtype.
-
-    ``devices`` / ``float_dtypes`` are the parameters' (computed from the model when not given).
-    """
-    if devices is None or float_dtypes is None:
-        params = list(model.parameters())
-        devices = {p.device for p in params}
-        float_dtypes = {p.dtype for p in params if p.is_floating_point()}
+def check_batch(batch: Any, index: int, devices: set, float_dtypes: set) -> None:
+    """Clear errors for inputs on the wrong device or in the wrong floating dtype (``devices`` and
+    ``float_dtypes`` are the model parameters')."""
     if not devices:
         return
     for t in tensor_leaves(model_inputs(batch)):

@@ -104,7 +104,7 @@ class Capture:
         alias: bool = False,
         shared_leaves: dict[int, set[int]] | None = None,
         expand: set[int] | None = None,
-        layout_modules: list[nn.Module] | None = None,
+        layout_modules: list[nn.Module] = (),
         on_site: Callable[[Site], None] | None = None,
     ) -> None:
         self.model, self.modules, self.n = model, modules, n
@@ -112,17 +112,14 @@ class Capture:
         self.clone_modules, self.alias, self.on_site = clone_modules or set(), alias, on_site
         self.shared_leaves = shared_leaves or {}
         self.expand = expand or set()
-        self.layout_modules = (
-            layout_modules if layout_modules is not None else [m for m in model.modules() if is_sequence_first(m)]
-        )
+        self.layout_modules = layout_modules
         self.sites: list[Site] = []
-        self.paused = 0  # > 0 while a rule re-runs a module (those calls are not sites)
         self._seq_first = 0
         self._handles: list = []
         self._wanted = {id(m) for m in modules}
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self.paused or id(module) not in self._wanted:
+        if id(module) not in self._wanted:
             return output
         leaves, spec = tree_flatten(output)
         if id(module) in self.expand:

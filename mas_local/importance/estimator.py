@@ -15,7 +15,6 @@ Global ``batch`` skips all that: one ``autograd.grad`` of the batch's Σ_k‖f(x
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -61,7 +60,7 @@ class Estimator:
 
     Rules (:mod:`mas_local.importance.rules`) see it as their accumulator: ``batch_samples``,
     ``sum_of``, ``add_sum``, ``add_count``, ``chunks``, ``backend``, ``precision``,
-    ``recomputing``.
+    ``per_sample_scratch``.
     """
 
     # global batch: one autograd.grad w.r.t. the parameters (False: through the per-module rules)
@@ -117,7 +116,6 @@ class Estimator:
         self._mask: Tensor | None = None
         self._positions: int | None = None
         self._device_type = next(iter(self.params.values())).device.type
-        self._capture: Capture | None = None
         self._clone_modules: set[int] = set()  # modules whose captures the model modifies in place
         self._scratch_backend: dict[tuple, str] = {}
         self._probe = self._probe_out = None  # the first batch's probe and output, until expansion is verified
@@ -177,18 +175,6 @@ class Estimator:
             self._notices.add(key)
             log.info("mas_local: " + msg, *args)
 
-    @contextlib.contextmanager
-    def recomputing(self):
-        """Module calls made by a rule re-running a module are not captured."""
-        cap = self._capture
-        if cap is not None:
-            cap.paused += 1
-        try:
-            yield
-        finally:
-            if cap is not None:
-                cap.paused -= 1
-
     # -- statistics (kept here for callers: checkpoints, distributed sync) ------------------
     batches = property(lambda self: self.stats.batches)
     samples = property(lambda self: self.stats.samples)
@@ -206,7 +192,7 @@ class Estimator:
     # -- one batch ----------------------------------------------------------------------
     def update(self, batch: Any) -> None:
         """Add one batch to the statistics. An error leaves the model and its buffers untouched."""
-        check_batch(self.model, batch, self.stats.batches, self._param_devices, self._param_dtypes)
+        check_batch(batch, self.stats.batches, self._param_devices, self._param_dtypes)
         if self._any_training is None:  # module modes do not change during a pass (run_pass sets them)
             check_checkpointing(self.model)
             self._any_training = any(m.training for m in self.model.modules())
@@ -282,12 +268,8 @@ class Estimator:
         grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
         with grad_ctx:
             probe.watch(tensor_leaves(batch))
-            self._capture = cap
-            try:
-                with cap, probe:
-                    out = self.output_fn(self._call(batch))
-            finally:
-                self._capture = None
+            with cap, probe:
+                out = self.output_fn(self._call(batch))
             check_output(out, n)
             if self.mode == "global":
                 probe.mark_shared_outputs(masked_squared_norm(out, self._mask), retain_graph=True)
@@ -333,12 +315,8 @@ class Estimator:
             layout_modules=self._layout_modules,
             on_site=self._on_site,
         )
-        self._capture = cap
-        try:
-            with cap:
-                out = self.output_fn(self._call(batch))
-        finally:
-            self._capture = None
+        with cap:
+            out = self.output_fn(self._call(batch))
         check_output(out, n)
         return out, cap.sites
 
@@ -405,7 +383,8 @@ class Estimator:
 
     def _global_batch(self, batch: Any, n: int) -> None:
         with torch.enable_grad():
-            out, _ = self._forward_plain(batch, n)
+            out = self.output_fn(self._call(batch))
+            check_output(out, n)
             loss = masked_squared_norm(out, self._mask)
             if not loss.requires_grad:
                 raise ImportanceError("the model output does not depend on any trainable parameter")
@@ -414,10 +393,3 @@ class Estimator:
             if g is not None:
                 self.add_sum(p, g.float().abs() / n)  # |g_B| / b_B: every batch weighs the same
         self.stats.count_all(1)
-
-    def _forward_plain(self, batch: Any, n: int) -> tuple[Tensor, list[Site]]:
-        plan, self.plan = self.plan, Plan()
-        try:
-            return self._forward(batch, n)
-        finally:
-            self.plan = plan

@@ -13,7 +13,7 @@ names relative to the module → parameters), and an accumulator ``acc``:
 ``acc.chunks(n, bytes)``       slices of the batch whose work fits ``chunk_bytes``
 ``acc.per_sample_scratch(out, in, device)``   bytes per sample the per-sample op needs beyond its operands
 ``acc.backend``, ``acc.precision``   settings for the fused ops (:mod:`mas_local.ops`)
-``acc.recomputing()``          context manager: module calls inside it are not captured
+Rules run after the batch's forward, when nothing is captured, so a rule may re-run its module.
 
 Only :meth:`Rule.per_sample_grads` is required; the other methods have exact
 defaults built on it, which a rule overrides when it knows a faster form. The

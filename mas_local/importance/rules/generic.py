@@ -75,31 +75,30 @@ class GenericRule(Rule):
             )
 
         grad_fn = torch.func.grad(loss_of_sample)
-        with acc.recomputing():
-            try:
-                g = torch.func.vmap(grad_fn, in_dims=(None, sample_dims, delta_dims), randomness="same")(
-                    values, sample_leaves, sample_deltas
+        try:
+            g = torch.func.vmap(grad_fn, in_dims=(None, sample_dims, delta_dims), randomness="same")(
+                values, sample_leaves, sample_deltas
+            )
+        except Exception as exc:  # data-dependent control flow etc.: a per-sample loop, same maths
+            acc.notice_once(
+                ("vmap", type(site.module)),
+                "torch.func.vmap failed for %s (%s); using a per-sample loop for it",
+                type(site.module).__name__,
+                exc,
+            )
+            # plain autograd per sample: also runs modules whose hooks functorch refuses (requires_grad_)
+            per = []
+            for k in range(count):
+                leaves_k = [t.select(dim, k) for t, dim in zip(sample_leaves, sample_dims)]
+                deltas_k = [d.select(dim, k) for d, dim in zip(sample_deltas, delta_dims)]
+                with torch.enable_grad():
+                    inputs = {key: v.detach().requires_grad_(True) for key, v in values.items()}
+                    loss = loss_of_sample(inputs, leaves_k, deltas_k)
+                    grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
+                per.append(
+                    {key: torch.zeros_like(v) if gr is None else gr for (key, v), gr in zip(inputs.items(), grads)}
                 )
-            except Exception as exc:  # data-dependent control flow etc.: a per-sample loop, same maths
-                acc.notice_once(
-                    ("vmap", type(site.module)),
-                    "torch.func.vmap failed for %s (%s); using a per-sample loop for it",
-                    type(site.module).__name__,
-                    exc,
-                )
-                # plain autograd per sample: also runs modules whose hooks functorch refuses (requires_grad_)
-                per = []
-                for k in range(count):
-                    leaves_k = [t.select(dim, k) for t, dim in zip(sample_leaves, sample_dims)]
-                    deltas_k = [d.select(dim, k) for d, dim in zip(sample_deltas, delta_dims)]
-                    with torch.enable_grad():
-                        inputs = {key: v.detach().requires_grad_(True) for key, v in values.items()}
-                        loss = loss_of_sample(inputs, leaves_k, deltas_k)
-                        grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
-                    per.append(
-                        {key: torch.zeros_like(v) if gr is None else gr for (key, v), gr in zip(inputs.items(), grads)}
-                    )
-                g = {key: torch.stack([p[key] for p in per]) for key in values}
+            g = {key: torch.stack([p[key] for p in per]) for key in values}
         keys = list(values)
         return {name: g[key].float() for name, key in zip(names, keys)}
 
@@ -113,7 +112,7 @@ class GenericRule(Rule):
         values = {k: (site.live[k] if site.live and k in site.live else p).detach() for k, p in params.items()}
         names = list(params)
         buffers = {k: b.clone() for k, b in site.module.named_buffers()}
-        with torch.enable_grad(), acc.recomputing():
+        with torch.enable_grad():
             leaves = [v.requires_grad_(True) for v in values.values()]
             module, call_values = without_fsdp_hooks(site.module, {**values, **buffers})
             outs = tensor_leaves(torch.func.functional_call(module, call_values, site.args, site.kwargs))

@@ -145,9 +145,7 @@ class InstanceNormRule(_AffineNorm):
         dt = _compute_dtype(x)
         if m.training or not m.track_running_stats:  # the sample's own statistics; never touch the buffers
             return F.instance_norm(x.to(dt), eps=m.eps)
-        return F.instance_norm(
-            x.to(dt), m.running_mean.to(dt), m.running_var.to(dt), use_input_stats=False, eps=m.eps
-        )
+        return F.instance_norm(x.to(dt), m.running_mean.to(dt), m.running_var.to(dt), use_input_stats=False, eps=m.eps)
 
 
 def looks_like_rms_norm(module: nn.Module) -> bool:
