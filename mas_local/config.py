@@ -99,9 +99,7 @@ class ImportanceConfig:
             if isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int) or self.micro_batch < 1:
                 raise ValueError(f"micro_batch must be a positive int or None, got {self.micro_batch!r}")
             if estimator == "batch":
-                raise ValueError(
-                    "micro_batch does not apply to estimator='batch': |g_B| is taken over the whole batch"
-                )
+                raise ValueError("micro_batch does not apply to estimator='batch': |g_B| is taken over the whole batch")
         if self.sync not in (None, True, False):
             raise ValueError(f"sync must be None, True or False, got {self.sync!r}")
 

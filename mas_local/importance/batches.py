@@ -10,16 +10,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ImportanceError
-
-
-def tensor_leaves(obj: Any) -> list[Tensor]:
-    if isinstance(obj, Tensor):  # the common cases without pytree's recursion
-        return [obj]
-    if type(obj) is tuple and len(obj) == 2 and type(obj[1]) is dict and not obj[1]:
-        args = obj[0]
-        if type(args) is tuple and all(isinstance(t, Tensor) for t in args):
-            return list(args)
-    return [t for t in tree_flatten(obj)[0] if isinstance(t, Tensor)]
+from .leaves import tensor_leaves
 
 
 def default_output_fn(output: Any) -> Tensor:

@@ -18,8 +18,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ImportanceError
 from ..layers import _TapMixin
-from .batches import tensor_leaves
 from .layouts import FLAT, BatchDim, input_dims, is_sequence_first, output_dims
+from .leaves import flat_leaves, tensor_leaves
 
 
 @dataclass
@@ -121,30 +121,42 @@ class Capture:
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if id(module) not in self._wanted:
             return output
-        leaves, spec = tree_flatten(output)
-        if id(module) in self.expand:
+        expand, clone = id(module) in self.expand, id(module) in self.clone_modules
+        # the output's structure is needed only to hand the model something other than its own output
+        if type(output) is Tensor:
+            leaves, spec = [output], None
+        elif self.alias or expand or clone:
+            leaves, spec = tree_flatten(output)
+        else:
+            leaves, spec = flat_leaves(output), None
+
+        def rebuilt(new_leaves: list) -> Any:
+            return new_leaves[0] if spec is None else tree_unflatten(new_leaves, spec)
+
+        if expand:
             args, kwargs, leaves = self._expanded(args, kwargs, leaves)
-            output = tree_unflatten(leaves, spec)
+            output = rebuilt(leaves)
         if self.alias:
             # Δ is taken w.r.t. fresh aliases that only the rest of the model reads: an output computed from
             # another output inside the module (a router's scores from its logits) must not count twice.
             targets = [t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
         else:
             targets = leaves
-        if id(module) in self.clone_modules:  # keep the originals; the model continues with copies
+        if clone:  # keep the originals; the model continues with copies
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
-            output = tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in targets], spec)
+            output = rebuilt([t.clone() if isinstance(t, Tensor) else t for t in targets])
         elif self.alias:
-            output = tree_unflatten(targets, spec)
+            output = rebuilt(targets)
         outputs = [t for t in leaves if isinstance(t, Tensor)]
         inner_seq_first = self._seq_first - (1 if is_sequence_first(module) else 0) > 0
+        in_leaves = flat_leaves((args, kwargs))
         site = Site(
             module,
             args,
             kwargs,
             outputs,
-            input_dims(module, args, kwargs, self.n, inner_seq_first, self.flat_rows),
+            input_dims(module, args, kwargs, self.n, inner_seq_first, self.flat_rows, in_leaves),
             output_dims(module, outputs, self.n, inner_seq_first, self.flat_rows),
             self.n,
         )
@@ -152,7 +164,7 @@ class Capture:
             if i < len(site.in_dims):
                 site.in_dims[i] = None
         site.targets = [t for t in targets if isinstance(t, Tensor)]
-        site.versions = [t._version for t in tensor_leaves((args, kwargs)) + outputs]
+        site.versions = [t._version for t in in_leaves if isinstance(t, Tensor)] + [t._version for t in outputs]
         if self.on_site is not None:
             self.on_site(site)
         self.sites.append(site)

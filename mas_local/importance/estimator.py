@@ -36,7 +36,6 @@ from .batches import (
     position_mask,
     sequence_length,
     slice_batch,
-    tensor_leaves,
 )
 from .capture import Capture, Site
 from .deltas import global_deltas, local_deltas
@@ -47,6 +46,7 @@ from .guards import (
     preserved_state,
 )
 from .layouts import is_sequence_first
+from .leaves import tensor_leaves
 from .masks import masked_squared_norm
 from .plan import Plan, UsageProbe, registration_plan
 from .reduction import reduce_sites

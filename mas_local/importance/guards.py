@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ImportanceError
 from .capture import Site
+from .statistics import all_finite
 
 
 def _saved_buffers(model: nn.Module) -> list:
@@ -88,7 +89,7 @@ def check_output(out: Any, n: int) -> None:
             f"the model output has shape {tuple(out.shape)}, which has no batch dimension of size {n}; "
             "MAS needs one output per sample (pass output_fn to select it)"
         )
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         raise ImportanceError("the model output contains NaN or Inf values; importance would be meaningless")
 
 

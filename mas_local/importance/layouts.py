@@ -30,9 +30,9 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils._pytree import tree_flatten
 
 from ..errors import ImportanceError
+from .leaves import flat_leaves
 
 FLAT = "tokens"  # batch dim marker: leading dim is B·T, sample-major
 BatchDim = int | str | None
@@ -94,13 +94,21 @@ def _declared_dim(module: nn.Module, name: str, t: Any, n: int) -> int | None:
 
 
 def input_dims(
-    module: nn.Module, args: tuple, kwargs: dict, n: int, in_seq_first: bool, flat_rows: int | None = None
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    n: int,
+    in_seq_first: bool,
+    flat_rows: int | None = None,
+    leaves: list | None = None,
 ) -> list[BatchDim]:
-    """The batch dimension of each tensor leaf of ``(args, kwargs)`` (``None``: shared by the batch).
+    """The batch dimension of each leaf of ``(args, kwargs)`` (``None``: shared by the batch).
 
-    ``flat_rows`` is B·T when the batch has T > 1 positions per sample (else ``None``).
+    ``flat_rows`` is B·T when the batch has T > 1 positions per sample (else ``None``); ``leaves``
+    is ``flat_leaves((args, kwargs))`` when the caller has it.
     """
-    leaves, _ = tree_flatten((args, kwargs))
+    if leaves is None:
+        leaves = flat_leaves((args, kwargs))
     if not declares_layout(module):
         return [_default_dim(t, n, in_seq_first, flat_rows) for t in leaves]
     dims: list[int | None] = []
@@ -114,7 +122,7 @@ def input_dims(
                 f"{type(module).__name__} got a PackedSequence: per-sample importance needs padded batches "
                 "(use estimator='batch' or pad the sequences)"
             )
-        for leaf in tree_flatten(value)[0]:
+        for leaf in flat_leaves(value):
             by_leaf[id(leaf)] = _declared_dim(module, name, leaf, n)
     for t in leaves:
         dim = by_leaf.get(id(t)) if isinstance(t, Tensor) else None

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from .layouts import input_dims, is_sequence_first, output_dims
+from .leaves import flat_leaves
 from .rules import GENERIC, Rule, rule_for
 
 # Functions that read a tensor's metadata or cut it from the graph: not a use of its values.
@@ -156,15 +156,15 @@ class UsageProbe(TorchFunctionMode):
         out = func(*args, **kwargs)
         if getattr(func, "__name__", "") in _NOT_A_USE:
             return out
-        leaves = tree_flatten((args, kwargs))[0]
+        leaves = flat_leaves((args, kwargs))
         if any(isinstance(t, Tensor) and id(t) in self.from_batch for t in leaves):
-            for t in tree_flatten(out)[0]:
+            for t in flat_leaves(out):
                 if isinstance(t, Tensor):
                     self.from_batch.add(id(t))
                     self._alive.append(t)
         hits = [self.names[id(t)] for t in leaves if id(t) in self.names]
         if hits and (
-            not torch.is_grad_enabled() or any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(out)[0])
+            not torch.is_grad_enabled() or any(isinstance(t, Tensor) and t.requires_grad for t in flat_leaves(out))
         ):
             frames = tuple(self.stack)
             for name in hits:
@@ -173,7 +173,7 @@ class UsageProbe(TorchFunctionMode):
 
     def _push(self, module, args, kwargs):
         dims = input_dims(module, args, kwargs, self.n, self._seq_first > 0, self.flat_rows)
-        for i, t in enumerate(tree_flatten((args, kwargs))[0]):
+        for i, t in enumerate(flat_leaves((args, kwargs))):
             if isinstance(dims[i], int) and id(t) not in self.from_batch and not _same_along(t, dims[i]):
                 # its size happens to be B, but it is not computed from the batch and its slices differ:
                 # positions or relative-position buckets [T, ...] with T == B
@@ -195,7 +195,7 @@ class UsageProbe(TorchFunctionMode):
         unbatched = self._unbatched_stack.pop() if self._unbatched_stack else True
         if self.mode != "global":
             return
-        outs = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
+        outs = [t for t in flat_leaves(output) if isinstance(t, Tensor)]
         if unbatched:
             needs_grad = [t for t in outs if t.requires_grad and t.is_floating_point()]
             if needs_grad and all(t.dim() >= 1 and t.shape[0] == 1 for t in needs_grad):

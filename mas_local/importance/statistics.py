@@ -23,6 +23,20 @@ log = logging.getLogger("mas_local")
 CHECKPOINT_VERSION = 2  # 2: batch estimator sums |g_B|/b_B and counts batches
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite, with one reduction in the common case.
+
+    A NaN or ±Inf element makes the sum NaN or ±Inf, so a finite sum proves them all finite; a sum that
+    overflows is checked element by element.
+    """
+    if t.is_floating_point() and t.numel():
+        t = t.detach()
+        total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+        if bool(torch.isfinite(total)):
+            return True
+    return bool(torch.isfinite(t).all())
+
+
 class Statistics:
     """Sums and counts keyed by parameter name, plus samples and batches seen."""
 
@@ -126,7 +140,7 @@ class Statistics:
                 s = torch.zeros(self.sum_shape(p), dtype=torch.float32, device=p.device)
             c = self.counts[name]
             omega = (s / c if c > 0 else s.clone()).detach()
-            if not torch.isfinite(omega).all():
+            if not all_finite(omega):
                 raise ImportanceError(f"importance of parameter {name!r} has NaN or Inf values")
             out[name] = omega
         missing = [] if covers_all else [name for name in self.params if name not in self.seen]

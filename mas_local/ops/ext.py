@@ -79,8 +79,12 @@ def _fast_notice(op: str, device: torch.device) -> None:
         what = "fp32 operands are rounded to bf16 (tensor cores), 16-bit operands are used as given"
     else:
         what = "the CPU kernels compute in fp32 whatever the precision, as for 'exact'"
-    log.warning("mas_local: backend 'ext' has no fp8 kernels: %s precision='fast' on %s runs this instead: %s",
-                op, device.type, what)
+    log.warning(
+        "mas_local: backend 'ext' has no fp8 kernels: %s precision='fast' on %s runs this instead: %s",
+        op,
+        device.type,
+        what,
+    )
 
 
 def abs_gemm_acc_(omega: Tensor, a: Tensor, b: Tensor, alpha: float, precision: str = "accurate") -> None:

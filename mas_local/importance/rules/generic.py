@@ -15,8 +15,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...distributed.fsdp import without_fsdp_hooks
 from ...errors import ImportanceError
-from ..batches import tensor_leaves
 from ..layouts import FLAT
+from ..leaves import tensor_leaves
 from .base import Rule
 
 
