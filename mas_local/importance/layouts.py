@@ -56,13 +56,20 @@ def is_sequence_first(module: nn.Module) -> bool:
 
 
 def _default_dim(t: Any, n: int, seq_first: bool, flat_rows: int | None) -> BatchDim:
-    if not isinstance(t, Tensor) or t.dim() == 0 or isinstance(t, nn.Parameter):  # a parameter is never batched
+    if not isinstance(t, Tensor):
+        return None
+    shape = t.shape
+    if not shape:
         return None
     if seq_first:
-        return 1 if t.dim() >= 2 and t.shape[1] == n else None
-    if t.shape[0] == n:
-        return 0
-    return FLAT if flat_rows is not None and t.shape[0] == flat_rows else None
+        dim = 1 if len(shape) >= 2 and shape[1] == n else None
+    elif shape[0] == n:
+        dim = 0
+    else:
+        dim = FLAT if flat_rows is not None and shape[0] == flat_rows else None
+    if dim is not None and isinstance(t, nn.Parameter):  # a parameter is never batched
+        return None
+    return dim
 
 
 def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -12,18 +12,31 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
+from torch.nn import Parameter
 from torch.utils._pytree import SUPPORTED_NODES, tree_flatten
+
+# Leaves pytree never descends into, checked first because they are most of what calls pass.
+_ATOMS = frozenset({Tensor, Parameter, int, float, bool, str, type(None), torch.dtype, torch.device})
 
 
 def _extend(out: list, obj: Any) -> None:
     kind = type(obj)
-    if kind is tuple or kind is list:
+    if kind in _ATOMS:
+        out.append(obj)
+    elif kind is tuple or kind is list:
         for x in obj:
-            _extend(out, x)
+            if type(x) in _ATOMS:
+                out.append(x)
+            else:
+                _extend(out, x)
     elif kind is dict:
         for x in obj.values():
-            _extend(out, x)
+            if type(x) in _ATOMS:
+                out.append(x)
+            else:
+                _extend(out, x)
     elif kind in SUPPORTED_NODES or isinstance(obj, tuple):  # namedtuples and return types: pytree's own rules
         out.extend(tree_flatten(obj)[0])
     else:

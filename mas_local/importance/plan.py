@@ -25,6 +25,7 @@ them (rule 1), for modules that only run on later batches (e.g. MoE experts).
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,33 +140,48 @@ class UsageProbe(TorchFunctionMode):
         self.expandable: set[int] = set()  # shared calls whose outputs needing grad are all [1, ...]
         self._unbatched_stack: list[bool] = []
         self.ineligible: set[int] = set()  # modules with a call that does not carry the batch
-        # tensors computed from the batch's tensors (ids; the tensors are kept alive for the probe's duration)
-        self.from_batch: set[int] = set()
-        self._alive: list[Tensor] = []
+        # tensors computed from the batch's tensors: id -> weak reference (see _mark_from_batch)
+        self.from_batch: dict[int, weakref.ref] = {}
         self.shared_leaves: dict[int, set[int]] = {}
         self._seq_first = 0
         self._handles: list = []
 
     def watch(self, batch_tensors: list[Tensor]) -> None:
         for t in batch_tensors:
-            self.from_batch.add(id(t))
-            self._alive.append(t)
+            self._mark_from_batch(t)
+
+    def _mark_from_batch(self, t: Tensor) -> None:
+        # by id, forgotten when the tensor dies (so a reused id is not mistaken for it, and nothing is kept alive)
+        key = id(t)
+
+        def forget(ref, key=key, table=self.from_batch):
+            if table.get(key) is ref:
+                del table[key]
+
+        self.from_batch[key] = weakref.ref(t, forget)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if getattr(func, "__name__", "") in _NOT_A_USE:
             return out
-        leaves = flat_leaves((args, kwargs))
-        if any(isinstance(t, Tensor) and id(t) in self.from_batch for t in leaves):
-            for t in flat_leaves(out):
-                if isinstance(t, Tensor):
-                    self.from_batch.add(id(t))
-                    self._alive.append(t)
-        hits = [self.names[id(t)] for t in leaves if id(t) in self.names]
-        if hits and (
-            not torch.is_grad_enabled() or any(isinstance(t, Tensor) and t.requires_grad for t in flat_leaves(out))
-        ):
+        from_batch, names = self.from_batch, self.names
+        derived, hits = False, None
+        for t in flat_leaves((args, kwargs)):
+            if isinstance(t, Tensor):
+                key = id(t)
+                if key in from_batch:
+                    derived = True
+                name = names.get(key)
+                if name is not None:
+                    hits = [name] if hits is None else hits + [name]
+        if not derived and hits is None:
+            return out
+        outs = [t for t in flat_leaves(out) if isinstance(t, Tensor)]
+        if derived:
+            for t in outs:
+                self._mark_from_batch(t)
+        if hits is not None and (not torch.is_grad_enabled() or any(t.requires_grad for t in outs)):
             frames = tuple(self.stack)
             for name in hits:
                 self.reads[name].append(frames)
@@ -227,7 +243,7 @@ class UsageProbe(TorchFunctionMode):
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
-        self._alive = []
+        self.from_batch.clear()
         for h in self._handles:
             h.remove()
         self._handles = []
