@@ -212,6 +212,41 @@ def test_inplace_activation_is_handled():
         assert_close(got, want)
 
 
+class _MutatesInput(nn.Module):
+    """fc2's input (fc1's output) is changed in place after fc2 has run; ``twin`` does the same out of place."""
+
+    def __init__(self, twin: bool = False):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.twin = twin
+
+    def forward(self, x):
+        h = self.fc1(x)
+        y = self.fc2(h)
+        h = h * -2.0 if self.twin else h.mul_(-2.0)
+        return self.fc3(y + h)
+
+
+@pytest.mark.parametrize("estimator", ["sample", "batch", "hebbian"])
+def test_input_changed_in_place_after_the_call(estimator):
+    """Local mode: the call's input is captured as it was when the module ran, on every batch of the pass."""
+    torch.manual_seed(0)
+    model = _MutatesInput().double()
+    twin = _MutatesInput(twin=True).double()
+    twin.load_state_dict(model.state_dict())
+    data = [torch.randn(6, 5, dtype=torch.float64) for _ in range(3)]
+    got = ml.compute_importance(model, data, mode="local", estimator=estimator, progress=False)
+    if estimator == "hebbian":
+        want = ml.compute_importance(twin, data, mode="local", estimator=estimator, progress=False)
+        rows = [(x, twin.fc1(x), twin.fc2(twin.fc1(x))) for x in data]
+        w_fc2, b_fc2 = oracles.hebbian_linear(torch.cat([h for _, h, _ in rows]), torch.cat([y for *_, y in rows]))
+        torch.testing.assert_close(got["fc2.weight"], w_fc2.float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got["fc2.bias"], b_fc2.float(), rtol=1e-5, atol=1e-7)
+    else:
+        want = oracles.local(twin, data, estimator)
+    assert_close(got, want)
+
+
 def test_mode_restored_and_grads_untouched():
     model, data = build("conv", converted=False)
     model.train()

@@ -78,15 +78,24 @@ class Site:
             )
         return t if dim == 0 else t.movedim(dim, 0)
 
-    def changed_in_place(self) -> bool:
-        return [t._version for t in tensor_leaves((self.args, self.kwargs)) + self.outputs] != self.versions
+    def changed_parts(self) -> set[str]:
+        """Which captured tensors the model changed in place after the call: ``{"inputs", "outputs"}`` or part."""
+        now_in = [t._version for t in tensor_leaves((self.args, self.kwargs))]
+        now_out = [t._version for t in self.outputs]
+        parts = set()
+        if now_in != self.versions[: len(now_in)]:
+            parts.add("inputs")
+        if now_out != self.versions[len(now_in) :]:
+            parts.add("outputs")
+        return parts
 
 
 class Capture:
     """Context manager: while active, calls of ``modules`` are recorded as :class:`Site` objects.
 
-    For modules in ``clone_modules`` the inputs are recorded as copies and the model continues
-    with copies of the outputs (models that modify captured tensors in place). ``alias`` (global
+    ``clone_modules`` holds ``(id(module), part)`` pairs for models that modify captured tensors in
+    place: for ``"inputs"`` the inputs are recorded as copies, for ``"outputs"`` the model continues
+    with copies of the outputs. ``alias`` (global
     mode) hands the rest of the
     model fresh aliases of the outputs (``site.targets``), so that Δ holds only the gradient that
     flows back from outside the module. ``on_site`` is called
@@ -100,7 +109,7 @@ class Capture:
         n: int,
         *,
         positions: int | None = None,
-        clone_modules: set[int] | None = None,
+        clone_modules: set[tuple[int, str]] | None = None,
         alias: bool = False,
         shared_leaves: dict[int, set[int]] | None = None,
         expand: set[int] | None = None,
@@ -121,11 +130,15 @@ class Capture:
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if id(module) not in self._wanted:
             return output
-        expand, clone = id(module) in self.expand, id(module) in self.clone_modules
+        expand = id(module) in self.expand
+        clone_in, clone_out = (
+            (id(module), "inputs") in self.clone_modules,
+            (id(module), "outputs") in self.clone_modules,
+        )
         # the output's structure is needed only to hand the model something other than its own output
         if type(output) is Tensor:
             leaves, spec = [output], None
-        elif self.alias or expand or clone:
+        elif self.alias or expand or clone_out:
             leaves, spec = tree_flatten(output)
         else:
             leaves, spec = flat_leaves(output), None
@@ -142,9 +155,10 @@ class Capture:
             targets = [t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
         else:
             targets = leaves
-        if clone:  # keep the originals; the model continues with copies
+        if clone_in:  # the model keeps its inputs (and changes them later); the site keeps copies
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+        if clone_out:  # the site keeps the outputs; the model continues with copies
             output = rebuilt([t.clone() if isinstance(t, Tensor) else t for t in targets])
         elif self.alias:
             output = rebuilt(targets)

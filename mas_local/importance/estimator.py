@@ -116,7 +116,8 @@ class Estimator:
         self._mask: Tensor | None = None
         self._positions: int | None = None
         self._device_type = next(iter(self.params.values())).device.type
-        self._clone_modules: set[int] = set()  # modules whose captures the model modifies in place
+        # (id(module), "inputs" | "outputs"): captured tensors the model modifies in place, captured as copies
+        self._clone_modules: set[tuple[int, str]] = set()
         self._scratch_backend: dict[tuple, str] = {}
         self._probe = self._probe_out = None  # the first batch's probe and output, until expansion is verified
         self._any_training: bool | None = None
@@ -277,7 +278,7 @@ class Estimator:
         self._refuse_unreachable(plan)
         self.plan = plan
         sites = [s for s in cap.sites if id(s.module) in plan.sites]
-        changed = {id(s.module) for s in sites if s.changed_in_place()}
+        changed = {(id(s.module), part) for s in sites for part in s.changed_parts()}
         if plan.expand or changed:
             self._clone_modules |= changed
             if changed:
@@ -344,7 +345,7 @@ class Estimator:
                 self._probe = self._probe_out = None
                 # Decided once per pass: modules whose captured tensors the model changes in place (a ReLU with
                 # inplace=True after them) are captured as copies from then on; only that batch runs twice.
-                changed = {id(s.module) for s in sites if s.changed_in_place()}
+                changed = {(id(s.module), part) for s in sites for part in s.changed_parts()}
                 if changed:
                     if changed <= self._clone_modules:
                         raise ImportanceError("captured tensors changed in place even on copies")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .capture import Site
@@ -98,23 +99,24 @@ def _shared_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[
     """Per-sample gradients of parameters computed at several calls, summed over the calls, then |·|."""
     numel = sum(acc.params[acc.names[pid]].numel() for pid in shared)
     for rows in acc.chunks(n, bytes_per_sample=8 * numel):
-        total: dict[int, tuple[Any, Tensor]] = {}
+        k = rows.stop - rows.start
+        total: dict[int, Tensor] = {}
         for s in sites:
             if not _has_delta(s):
                 continue
             for rule, params in plan.sites[id(s.module)].groups:
-                mine = {k: p for k, p in params.items() if id(p) in shared}
+                mine = {name: p for name, p in params.items() if id(p) in shared}
                 if not mine:
                     continue
+                into = {}
+                for name, p in mine.items():
+                    if id(p) not in total:
+                        total[id(p)] = torch.zeros(k, *p.shape, dtype=torch.float32, device=p.device)
+                    into[name] = total[id(p)]
                 if s.batched:
-                    grads = rule.per_sample_grads(acc, s, mine, rows)
+                    rule.add_per_sample_grads(acc, s, mine, rows, into)
                 else:  # shared by the batch: one gradient, every sample's
-                    grads = {
-                        k: g.unsqueeze(0).expand(rows.stop - rows.start, *g.shape)
-                        for k, g in rule.batch_grads(acc, s, mine).items()
-                    }
-                for name, g in grads.items():
-                    p = mine[name]
-                    total[id(p)] = (p, g if id(p) not in total else total[id(p)][1] + g)
-        for p, g in total.values():
-            acc.add_sum(p, g.abs().sum(0))
+                    for name, g in rule.batch_grads(acc, s, mine).items():
+                        into[name].add_(g.unsqueeze(0))
+        for pid, g in total.items():
+            acc.add_sum(acc.params[acc.names[pid]], g.abs_().sum(0))

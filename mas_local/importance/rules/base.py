@@ -56,6 +56,14 @@ class Rule:
         """Per-sample gradients ``[len(rows), *p.shape]`` (float32) of Σ⟨y, Δ⟩ for samples ``rows``."""
         raise NotImplementedError(f"{type(self).__name__} must implement per_sample_grads")
 
+    def add_per_sample_grads(
+        self, acc: Any, site: Any, params: dict[str, nn.Parameter], rows: slice, into: dict[str, Tensor]
+    ) -> None:
+        """``into[name] += per-sample gradients`` (float32 ``[len(rows), *p.shape]``): tied parameters sum their
+        calls' per-sample gradients here before the absolute value. Rules override it to write in place."""
+        for name, g in self.per_sample_grads(acc, site, params, rows).items():
+            into[name].add_(g)
+
     def add_sample_abs(self, acc: Any, site: Any, params: dict[str, nn.Parameter]) -> None:
         """``sum_of(p) += Σ_k |g_k(p)|`` over the batch, for parameters computed at this call only."""
         numel = sum(p.numel() for p in params.values())

@@ -23,7 +23,9 @@ class EmbeddingRule(Rule):
         d = site.batch_first(site.delta, site.out_dims[0]).reshape(n, idx.shape[1], -1).float()
         sample = torch.arange(n, device=idx.device).unsqueeze(1).expand_as(idx)
         m = site.module
-        keep = torch.ones_like(idx, dtype=torch.bool) if m.padding_idx is None else idx != m.padding_idx
+        if m.padding_idx is None:  # every token counts: no boolean indexing (it copies and synchronises)
+            return idx.reshape(-1), d.reshape(-1, d.shape[-1]), sample.reshape(-1)
+        keep = idx != m.padding_idx
         return idx[keep], d[keep], sample[keep]
 
     @staticmethod
@@ -64,9 +66,16 @@ class EmbeddingRule(Rule):
         if "weight" not in params:
             return {}
         w = params["weight"]
-        tok, d, sample = self._flat(acc, site)
-        sel = (sample >= rows.start) & (sample < rows.stop)
-        keys, _, seg = self._segments(site, tok[sel], d[sel], sample[sel] - rows.start)
         g = torch.zeros(rows.stop - rows.start, *w.shape, dtype=torch.float32, device=w.device)
-        g.view(-1, w.shape[1]).index_add_(0, keys, seg)
+        self.add_per_sample_grads(acc, site, params, rows, {"weight": g})
         return {"weight": g}
+
+    def add_per_sample_grads(self, acc, site, params, rows, into):
+        if "weight" not in params:
+            return
+        tok, d, sample = self._flat(acc, site)
+        if rows.start > 0 or rows.stop < acc.batch_samples:
+            sel = (sample >= rows.start) & (sample < rows.stop)
+            tok, d, sample = tok[sel], d[sel], sample[sel]
+        keys, _, seg = self._segments(site, tok, d, sample - rows.start)
+        into["weight"].view(-1, params["weight"].shape[1]).index_add_(0, keys, seg)

@@ -82,3 +82,12 @@ class LinearRule(Rule):
         if "bias" in params:
             out["bias"] = d.sum(1)
         return out
+
+    def add_per_sample_grads(self, acc, site, params, rows, into):
+        x, d = self._rows(acc, site)
+        x, d = x[rows].float(), d[rows].float()
+        if "weight" in params:
+            a, b = self._pair(d, x)
+            into["weight"].baddbmm_(a.transpose(1, 2), b)
+        if "bias" in params:
+            into["bias"].add_(d.sum(1))

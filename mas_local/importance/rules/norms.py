@@ -38,8 +38,12 @@ class _AffineNorm(Rule):
             _GENERIC.check(acc, site, per_sample)
         super().check(acc, site, per_sample)
 
-    def _per_position(self, site, rows: slice) -> tuple[Tensor, Tensor]:
-        """(Δ, x̂) batch-first for samples ``rows``, as ``[b, positions, *param_shape]``."""
+    def _per_position(self, site, rows: slice) -> tuple[Tensor, Tensor, int]:
+        """(Δ, x̂, positions dim) batch-first for samples ``rows``.
+
+        Per-channel weights: ``[b, C, positions]`` (dim 2, the layout the input already has);
+        weights over the last dims: ``[b, positions, *param_shape]`` (dim 1).
+        """
         x = site.batch_first(site.x, site.x_dim)[rows]
         d = site.batch_first(site.delta, site.out_dims[0])[rows]
         xhat = self.normalized(site, x)
@@ -47,19 +51,19 @@ class _AffineNorm(Rule):
         b = x.shape[0]
         if self.channel_dim:
             channels = x.shape[1]
-            return d.reshape(b, channels, -1).transpose(1, 2), xhat.reshape(b, channels, -1).transpose(1, 2)
+            return d.reshape(b, channels, -1), xhat.reshape(b, channels, -1), 2
         shape = site.module.weight.shape if site.module.weight is not None else site.module.bias.shape
-        return d.reshape(b, -1, *shape), xhat.reshape(b, -1, *shape)
+        return d.reshape(b, -1, *shape), xhat.reshape(b, -1, *shape), 1
 
     def per_sample_grads(self, acc, site, params, rows):
         if not self._exact(acc, site):
             return _GENERIC.per_sample_grads(acc, site, params, rows)
-        d, xhat = self._per_position(site, rows)
+        d, xhat, dim = self._per_position(site, rows)
         out = {}
         if "weight" in params:
-            out["weight"] = (d * xhat).sum(1).float()
+            out["weight"] = (d * xhat).sum(dim).float()
         if "bias" in params:
-            out["bias"] = d.sum(1).float()
+            out["bias"] = d.sum(dim).float()
         return out
 
     def batch_grads(self, acc, site, params):
@@ -126,9 +130,8 @@ class BatchNormRule(_AffineNorm):
         m = site.module
         if mixes_samples(m):
             raise ImportanceError(f"{type(m).__name__} in train mode mixes the samples of a batch")
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        dt = _compute_dtype(x)
-        return (x.to(dt) - m.running_mean.to(dt).view(shape)) * torch.rsqrt(m.running_var.to(dt).view(shape) + m.eps)
+        dt = _compute_dtype(x)  # eval-mode batch_norm without the affine part: x̂ in one pass
+        return F.batch_norm(x.to(dt), m.running_mean.to(dt), m.running_var.to(dt), None, None, False, 0.0, m.eps)
 
 
 class GroupNormRule(_AffineNorm):
