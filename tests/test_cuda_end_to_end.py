@@ -39,6 +39,7 @@ def _ieee_fp32():
         yield
         matmul.allow_tf32, conv.allow_tf32 = before
 
+
 BACKENDS = ["torch", "triton", "ext"]
 
 
@@ -80,8 +81,9 @@ def test_importance_on_gpu_matches_cpu(kind, mode, estimator, backend):
     cpu, gpu, data = _pair(factory, data_fn)
     want = ml.compute_importance(cpu, data, mode=mode, estimator=estimator, backend="torch", progress=False)
     gpu_data = [(d.float() if d.is_floating_point() else d).cuda() for d in data]
-    got = ml.compute_importance(gpu, gpu_data, mode=mode, estimator=estimator, backend=backend, progress=False,
-                                precision="exact")
+    got = ml.compute_importance(
+        gpu, gpu_data, mode=mode, estimator=estimator, backend=backend, progress=False, precision="exact"
+    )
     for name, w in want.items():
         g = got[name]
         assert g.device.type == "cuda" and g.dtype == torch.float32

@@ -465,8 +465,7 @@ def test_penalty_cuda_value_does_not_depend_on_alignment():
 @needs_cuda_ext
 @pytest.mark.cuda
 def test_penalty_cuda_refuses_graph_capture():
-    grads, params, anchors, omegas = _penalty_inputs([(1000,)], torch.float32, torch.float32, torch.float32, 17,
-                                                     "cuda")
+    grads, params, anchors, omegas = _penalty_inputs([(1000,)], torch.float32, torch.float32, torch.float32, 17, "cuda")
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream), pytest.raises(RuntimeError, match="CUDA-graph capture"):

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-CASES = '''
+CASES = """
 import time
 import pytest
 
@@ -23,7 +23,7 @@ def test_gpu_thing():
 
 def test_plain():
     {plain}
-'''
+"""
 
 
 def _run_plugin(tmp_path, body="pass", plain="pass", **env):
@@ -32,8 +32,19 @@ def _run_plugin(tmp_path, body="pass", plain="pass", **env):
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **env)
     for key in ("MAS_LOCAL_TEST_TIMEOUT", "MAS_LOCAL_REQUIRE_CUDA", "MAS_LOCAL_EXPECT_PACKAGE"):
         full_env.setdefault(key, "")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bench.pytest_gpu_check",
-           "--rootdir", str(tmp_path), str(tmp_path / "test_case.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "bench.pytest_gpu_check",
+        "--rootdir",
+        str(tmp_path),
+        str(tmp_path / "test_case.py"),
+    ]
     return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=120)
 
 
@@ -44,8 +55,9 @@ def test_plugin_passes_when_a_cuda_test_passed(tmp_path):
 
 
 def test_plugin_fails_when_every_cuda_test_skipped(tmp_path):
-    out = _run_plugin(tmp_path, body="pytest.skip('mas_local._C was built without CUDA kernels')",
-                      MAS_LOCAL_REQUIRE_CUDA="1")
+    out = _run_plugin(
+        tmp_path, body="pytest.skip('mas_local._C was built without CUDA kernels')", MAS_LOCAL_REQUIRE_CUDA="1"
+    )
     assert out.returncode == 1, out.stdout
     assert "GPU CHECK FAILED: no cuda-marked test passed" in out.stdout
     assert "missing on the GPU" in out.stdout and "built without CUDA" in out.stdout
@@ -73,8 +85,9 @@ def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
         pytest.skip("this machine has a GPU: the script would run for minutes")
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
     env.pop("MAS_LOCAL_CHECK_DRY_RUN", None)
-    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "no CUDA device visible to torch" in out.stdout
     assert "preflight     FAILED" in out.stdout and "(no table" in out.stdout

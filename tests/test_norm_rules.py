@@ -38,6 +38,14 @@ class GemmaLikeRMSNorm(LlamaLikeRMSNorm):
         return (1.0 + self.weight) * h
 
 
+class CenteredRMSNorm(LlamaLikeRMSNorm):
+    """Named like an RMSNorm but subtracts the mean first: x̂ differs, so the closed form would be wrong."""
+
+    def forward(self, h):
+        h = h - h.mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
 class Tokens(nn.Module):
     def __init__(self, norm):
         super().__init__()
@@ -81,6 +89,7 @@ CASES = {
     "rmsnorm": (lambda: Tokens(nn.RMSNorm(6, eps=1e-5)), "tokens", rules.RMSNormRule),
     "hf-rmsnorm": (lambda: Tokens(LlamaLikeRMSNorm(6)), "tokens", rules.RMSNormRule),
     "gemma-rmsnorm": (lambda: Tokens(GemmaLikeRMSNorm(6)), "tokens", rules.RMSNormRule),
+    "centered-rmsnorm": (lambda: Tokens(CenteredRMSNorm(6)), "tokens", rules.RMSNormRule),
     "batchnorm2d": (lambda: Images(nn.BatchNorm2d(4)), "images", rules.BatchNormRule),
     "batchnorm1d": (lambda: Images(nn.BatchNorm1d(4), one_d=True), "images", rules.BatchNormRule),
     "groupnorm": (lambda: Images(nn.GroupNorm(2, 4)), "images", rules.GroupNormRule),

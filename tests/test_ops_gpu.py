@@ -90,8 +90,9 @@ def test_penalty_by_device_over_two_gpus(backend):
     omegas = [torch.rand(500 + i, device=d) for i, d in enumerate(devices)]
     grads = [_randn(500 + i, device=d, seed=20 + i) for i, d in enumerate(devices)]
     g_ref = [g.cpu() for g in grads]
-    want = reference.penalty_grad_(g_ref, [p.cpu() for p in params], [a.cpu() for a in anchors],
-                                   [o.cpu() for o in omegas], 0.3)
+    want = reference.penalty_grad_(
+        g_ref, [p.cpu() for p in params], [a.cpu() for a in anchors], [o.cpu() for o in omegas], 0.3
+    )
     got = ops.penalty_grad_by_device(grads, params, anchors, omegas, 0.3, backend=backend)
     assert got.device == torch.device("cuda:0")
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
@@ -138,8 +139,10 @@ def test_penalty_on_channels_last_parameters(backend, omega_format):
     conv = torch.nn.Conv2d(8, 16, 3).cuda().to(memory_format=torch.channels_last)
     params = [p.detach() for p in conv.parameters()]
     anchors = [p.clone() + 0.1 * torch.randn_like(p) for p in params]
-    omegas = [torch.rand_like(p).contiguous(memory_format=omega_format) if p.dim() == 4 else torch.rand_like(p)
-              for p in params]
+    omegas = [
+        torch.rand_like(p).contiguous(memory_format=omega_format) if p.dim() == 4 else torch.rand_like(p)
+        for p in params
+    ]
     grads = [torch.randn_like(p) for p in params]
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
     ptrs = [g.data_ptr() for g in grads]
@@ -175,7 +178,7 @@ def tf32_everywhere():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exact_stays_exact_when_the_user_enabled_tf32(tf32_everywhere, backend):
-    """"exact" must not become TF32 (≈1e-3 per product) whatever the global flags say; the ops must not
+    """ "exact" must not become TF32 (≈1e-3 per product) whatever the global flags say; the ops must not
     trip over the flags either."""
     _need(backend)
     _run_all_ops(backend, "cuda", seed=5, precision="exact")
@@ -286,8 +289,10 @@ def test_fp8_fast_path_nan_and_scratch_chunks(monkeypatch):
 
     if fp8.unavailable_reason(torch.device("cuda")) is not None:
         pytest.skip(f"no fp8: {fp8.unavailable_reason(torch.device('cuda'))}")
-    a, b = _randn(4096, 256, device="cuda", dtype=torch.bfloat16, seed=70), _randn(4096, 128, device="cuda",
-                                                                                    dtype=torch.bfloat16, seed=71)
+    a, b = (
+        _randn(4096, 256, device="cuda", dtype=torch.bfloat16, seed=70),
+        _randn(4096, 128, device="cuda", dtype=torch.bfloat16, seed=71),
+    )
     monkeypatch.setattr(abs_gemm, "SCRATCH_BYTES", 1024 * (256 + 128))  # 1024-row chunks
     omega = torch.rand(256, 128, device="cuda") + 0.5
     want = omega.clone()

@@ -18,10 +18,18 @@ from mas_local.ops import backend, reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = [
-    ("abs_gemm_acc_", lambda p, **kw: ops.abs_gemm_acc_(torch.rand(3, 4), torch.randn(5, 3), torch.randn(5, 4), 1.0,
-                                                        precision=p, **kw)),
-    ("per_sample_abs_acc_", lambda p, **kw: ops.per_sample_abs_acc_(torch.rand(3, 4), torch.randn(2, 5, 3),
-                                                                    torch.randn(2, 5, 4), 1.0, precision=p, **kw)),
+    (
+        "abs_gemm_acc_",
+        lambda p, **kw: ops.abs_gemm_acc_(
+            torch.rand(3, 4), torch.randn(5, 3), torch.randn(5, 4), 1.0, precision=p, **kw
+        ),
+    ),
+    (
+        "per_sample_abs_acc_",
+        lambda p, **kw: ops.per_sample_abs_acc_(
+            torch.rand(3, 4), torch.randn(2, 5, 3), torch.randn(2, 5, 4), 1.0, precision=p, **kw
+        ),
+    ),
 ]
 
 
@@ -58,8 +66,9 @@ def test_precision_reaches_the_backend(monkeypatch, name, call, precision):
     if precision is None:
         kw_call = {
             "abs_gemm_acc_": lambda: ops.abs_gemm_acc_(torch.rand(3, 4), torch.randn(5, 3), torch.randn(5, 4)),
-            "per_sample_abs_acc_": lambda: ops.per_sample_abs_acc_(torch.rand(3, 4), torch.randn(2, 5, 3),
-                                                                   torch.randn(2, 5, 4)),
+            "per_sample_abs_acc_": lambda: ops.per_sample_abs_acc_(
+                torch.rand(3, 4), torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+            ),
         }[name]
         kw_call()
         assert seen == ["accurate"]  # the default

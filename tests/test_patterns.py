@@ -255,6 +255,7 @@ def _hebbian_expected(model, judge, data):
     names = {id(p): n for n, p in model.named_parameters()}
     linears = [m for m in model.modules() if isinstance(rules.rule_for(m), rules.LinearRule)]
     rows = {id(m): ([], []) for m in linears}
+
     def record(mod, args, y):
         rows[id(mod)][0].append(args[0])
         rows[id(mod)][1].append(y)

@@ -367,8 +367,11 @@ def test_float64_operands_run_the_reference():
 def test_bench_abs_gemm_designs_match_reference(design, dtype):
     from bench.designs import abs_gemm_fused, abs_gemm_prepass
 
-    fn = {"fused": abs_gemm_fused.abs_gemm_fused, "prepass_triton": abs_gemm_prepass.prepass_triton,
-          "prepass_overlap": abs_gemm_prepass.prepass_overlap}[design]
+    fn = {
+        "fused": abs_gemm_fused.abs_gemm_fused,
+        "prepass_triton": abs_gemm_prepass.prepass_triton,
+        "prepass_overlap": abs_gemm_prepass.prepass_overlap,
+    }[design]
     a, b = randn(37, 21, dtype=dtype, seed=70), randn(37, 18, dtype=dtype, seed=71)
     omega = rand_omega(21, 18)
     want = omega.clone()
@@ -446,7 +449,7 @@ def test_gpu_penalty_large_and_deterministic(odtype):
 
 # --------------------------------------------------------------------------- sm_90 compilation (no GPU needed)
 
-_SM90_CHECK = r'''
+_SM90_CHECK = r"""
 import sys
 import triton
 from mas_local.kernels import abs_gemm as ag, fp8 as f8, launch, per_sample_abs as ps, penalty as pen
@@ -545,7 +548,7 @@ for pdt, odt in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16"), ("fp16", 
     assert "ld.global.v4" in code and "st.global.v4" in code, (pdt, odt)
 ptx(pen._final_sum_kernel, dict(part_ptr="*fp64", n="i32", lam="fp32", out_ptr="*fp32"), dict(BLOCK=1024))
 print("OK")
-'''
+"""
 
 
 @pytest.mark.slow

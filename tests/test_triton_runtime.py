@@ -47,7 +47,14 @@ def test_in_fresh_process():
 
 def test_size_bucket_is_the_next_power_of_two():
     assert [K.launch.size_bucket(n) for n in (0, 1, 16, 17, 100, 128, 129, 5000)] == [
-        16, 16, 16, 32, 128, 128, 256, 8192,
+        16,
+        16,
+        16,
+        32,
+        128,
+        128,
+        256,
+        8192,
     ]
 
 
@@ -70,8 +77,16 @@ def _two_configs(cfg):
 @cpu_only
 def test_abs_gemm_tunes_once_per_row_bucket(monkeypatch):
     bench = CountingBench()
-    tuned = K.launch.TunedKernel(K.abs_gemm._gemm_kernel, _two_configs(K.abs_gemm.INTERPRET_CONFIG),
-                                 K.abs_gemm.GEMM_KEY, ["omega_ptr"], "a_ptr", None, autotune=True, do_bench=bench)
+    tuned = K.launch.TunedKernel(
+        K.abs_gemm._gemm_kernel,
+        _two_configs(K.abs_gemm.INTERPRET_CONFIG),
+        K.abs_gemm.GEMM_KEY,
+        ["omega_ptr"],
+        "a_ptr",
+        None,
+        autotune=True,
+        do_bench=bench,
+    )
     monkeypatch.setattr(K.abs_gemm, "GEMM", tuned)
     trials = []
     for rows in (100, 120, 128, 200):  # buckets 128, 128, 128, 256
@@ -91,8 +106,16 @@ def test_abs_gemm_tunes_once_per_row_bucket(monkeypatch):
 def test_per_sample_tunes_once_per_sequence_bucket(monkeypatch):
     bench = CountingBench()
     ps = K.per_sample_abs
-    tuned = K.launch.TunedKernel(ps._per_sample_kernel, _two_configs(ps.INTERPRET_CONFIG), ps.KEY, ["out_ptr"],
-                                 "a_ptr", None, autotune=True, do_bench=bench)
+    tuned = K.launch.TunedKernel(
+        ps._per_sample_kernel,
+        _two_configs(ps.INTERPRET_CONFIG),
+        ps.KEY,
+        ["out_ptr"],
+        "a_ptr",
+        None,
+        autotune=True,
+        do_bench=bench,
+    )
     monkeypatch.setattr(ps, "KERNEL", tuned)
     trials = []
     for seq in (20, 31, 40):  # buckets 32, 32, 64
@@ -110,8 +133,16 @@ def test_per_sample_tunes_once_per_sequence_bucket(monkeypatch):
 @cpu_only
 def test_untuned_launch_under_capture_uses_the_first_config_without_timing(monkeypatch, caplog):
     bench = CountingBench()
-    tuned = K.launch.TunedKernel(K.abs_gemm._gemm_kernel, _two_configs(K.abs_gemm.INTERPRET_CONFIG),
-                                 K.abs_gemm.GEMM_KEY, ["omega_ptr"], "a_ptr", None, autotune=True, do_bench=bench)
+    tuned = K.launch.TunedKernel(
+        K.abs_gemm._gemm_kernel,
+        _two_configs(K.abs_gemm.INTERPRET_CONFIG),
+        K.abs_gemm.GEMM_KEY,
+        ["omega_ptr"],
+        "a_ptr",
+        None,
+        autotune=True,
+        do_bench=bench,
+    )
     monkeypatch.setattr(K.abs_gemm, "GEMM", tuned)
     monkeypatch.setattr(K.launch, "capturing", lambda device: True)
     a, b = randn(50, 9, seed=3), randn(50, 7, seed=4)
@@ -151,8 +182,9 @@ def test_penalty_new_grads_each_step_rebuild_only_the_grad_offsets(monkeypatch):
     """zero_grad(set_to_none=True) gives new grads every step: the chunk table stays, one small array is uploaded."""
     uploads = []
     real_upload = K.penalty._upload
-    monkeypatch.setattr(K.penalty, "_upload", lambda rows, device: uploads.append(len(rows)) or real_upload(rows,
-                                                                                                             device))
+    monkeypatch.setattr(
+        K.penalty, "_upload", lambda rows, device: uploads.append(len(rows)) or real_upload(rows, device)
+    )
     monkeypatch.setattr(K.penalty, "_tables", type(K.penalty._tables)())
     monkeypatch.setattr(K.penalty, "_grad_offsets", type(K.penalty._grad_offsets)())
     shapes = [(300,), (5, 7), (129,)]
@@ -329,11 +361,14 @@ def test_on_device_selects_the_tensors_cuda_device():
     assert isinstance(K.launch.on_device(torch.device("cpu")), contextlib.nullcontext)
 
 
-@pytest.mark.parametrize("module,call", [
-    ("abs_gemm", lambda: K.abs_gemm_acc_(rand_omega(3, 4), randn(5, 3), randn(5, 4), 1.0)),
-    ("per_sample_abs", lambda: K.per_sample_abs_acc_(rand_omega(3, 4), randn(2, 5, 3), randn(2, 5, 4), 1.0)),
-    ("penalty", lambda: K.penalty_grad_([randn(8)], [randn(8)], [randn(8)], [randn(8).abs()], 1.0)),
-])
+@pytest.mark.parametrize(
+    "module,call",
+    [
+        ("abs_gemm", lambda: K.abs_gemm_acc_(rand_omega(3, 4), randn(5, 3), randn(5, 4), 1.0)),
+        ("per_sample_abs", lambda: K.per_sample_abs_acc_(rand_omega(3, 4), randn(2, 5, 3), randn(2, 5, 4), 1.0)),
+        ("penalty", lambda: K.penalty_grad_([randn(8)], [randn(8)], [randn(8)], [randn(8).abs()], 1.0)),
+    ],
+)
 def test_every_entry_point_makes_its_tensors_device_current(monkeypatch, module, call):
     seen = []
     monkeypatch.setattr(getattr(K, module), "on_device", lambda d: seen.append(d) or contextlib.nullcontext())

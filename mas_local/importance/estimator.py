@@ -253,14 +253,18 @@ class Estimator:
             )
 
     def _first_batch(self, batch: Any, n: int) -> None:
-        """The first batch in eval mode: the usage probe rides along with the capture of every module call, so
-        planning costs no forward of its own. Falls back to a planned re-run of the batch when the plan expands
-        shared calls or the model changes planned captures in place."""
+        """The first batch in eval mode: the usage probe rides along with the capture of the likely sites (the
+        modules that register a trainable parameter), so planning costs no forward of its own. Falls back to a
+        planned re-run of the batch when the plan needs another module (a parameter read outside the module
+        that registers it), expands shared calls, or the model changes planned captures in place."""
         probe = UsageProbe(self.model, self.params, n, self._positions, self.mode)
-        everything = list(self.model.modules())
+        trainable = set(self.names)
+        likely = [
+            m for m in self.model.modules() if any(id(p) in trainable for p in m._parameters.values() if p is not None)
+        ]
         cap = Capture(
             self.model,
-            everything,
+            likely,
             n,
             positions=self._positions,
             alias=self.mode == "global",
@@ -279,7 +283,8 @@ class Estimator:
         self.plan = plan
         sites = [s for s in cap.sites if id(s.module) in plan.sites]
         changed = {(id(s.module), part) for s in sites for part in s.changed_parts()}
-        if plan.expand or changed:
+        captured = {id(m) for m in likely}
+        if plan.expand or changed or any(key not in captured for key in plan.sites):
             self._clone_modules |= changed
             if changed:
                 self.notice_once("inplace", "a layer input or output is modified in place; capturing copies of it")

@@ -110,8 +110,12 @@ class RMSNormRule(_AffineNorm):
             return True
         checked = acc.__dict__.setdefault("closed_form_checked", {})  # decided once per module and pass
         same = checked.get(id(site.module))
-        if same is None:  # does the module compute w ⊙ x̂?
+        if same is None:  # does the module compute w ⊙ x̂? (checked on one sample: a norm is per position)
             m, x, y = site.module, site.x, site.outputs[0]
+            if site.x_dim is not None and site.out_dims[0] is not None:
+                one_x, one_y = site.batch_first(x, site.x_dim)[:1], site.batch_first(y, site.out_dims[0])[:1]
+                if bool(one_y.any()):  # an all-zero sample matches any scaling: then check them all
+                    x, y = one_x, one_y
             weight = site.live["weight"] if site.live and "weight" in site.live else m.weight
             with torch.no_grad():
                 want = weight.to(y.dtype) * self.normalized(site, x).to(y.dtype)
