@@ -231,3 +231,38 @@ def test_packed_sequences_are_refused_for_per_sample_estimators():
 
     with pytest.raises(ml.ImportanceError, match="PackedSequence"):
         ml.compute_importance(Packed(), [torch.randn(2, 5, 3)], progress=False)
+
+
+_FINITENESS = [
+    ([1.0, -2.0, 3.0], True),
+    ([3e38, 3e38, 3e38], True),  # the float32 sum overflows, the values are finite
+    ([6e4, 6e4, 6e4], True),  # the same in float16
+    ([1.0, float("nan"), 2.0], False),
+    ([1.0, float("inf"), 2.0], False),
+    ([float("inf"), float("-inf")], False),  # the sum is NaN
+    ([-float("inf")], False),
+]
+
+
+@pytest.mark.parametrize(
+    "values,finite,dtype",
+    [
+        (v, f, dt)
+        for v, f in _FINITENESS
+        for dt in (torch.float32, torch.float16, torch.float64)
+        if not (dt == torch.float16 and v[0] == 3e38)  # not representable in float16
+    ],
+)
+def test_finiteness_check(values, finite, dtype):
+    from mas_local.importance.statistics import all_finite
+
+    t = torch.tensor(values, dtype=torch.float64).to(dtype)
+    assert all_finite(t) is finite
+    assert all_finite(t.reshape(-1, 1).expand(-1, 3)) is finite  # a strided view
+
+
+def test_finiteness_check_of_empty_and_integer_tensors():
+    from mas_local.importance.statistics import all_finite
+
+    assert all_finite(torch.empty(0))
+    assert all_finite(torch.arange(5))

@@ -10,6 +10,7 @@ lets :mod:`mas_local.distributed` all-reduce them and checkpoints resume them.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ def all_finite(t: Tensor) -> bool:
     if t.is_floating_point() and t.numel():
         t = t.detach()
         total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
-        if bool(torch.isfinite(total)):
+        if math.isfinite(total.item()):
             return True
     return bool(torch.isfinite(t).all())
 
