@@ -46,8 +46,15 @@ def cases():
     seq = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.LayerNorm(512), nn.Linear(512, 256))
     yield "token MLP [B=32,T=64,256]", seq, [torch.randn(32, 64, 256) for _ in range(2)]
     cnn = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1, groups=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
     yield "CNN on [64,3,32,32]", cnn, [torch.randn(64, 3, 32, 32) for _ in range(2)]
 
@@ -70,10 +77,7 @@ def main():
         n = sum(x.shape[0] for x in data)
         t_loop, ref = timed(lambda m=model, d=data: per_sample_loop(m, d), repeats=1)
         t_ml, got = timed(lambda m=model, d=data: ml.compute_importance(m, d, progress=False))
-        diff = max(
-            ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-            for g, r in zip(got.values(), ref)
-        )
+        diff = max(((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(got.values(), ref))
         lines.append(f"| {name} | {n} | {t_loop:.3f} | {t_ml:.3f} | {t_loop / t_ml:.1f}× | {diff:.1e} |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)

@@ -66,26 +66,45 @@ def main(argv=None) -> int:
     t = Table(args.out, small=args.small)
     only = set(args.only.split(","))
     s = args.small
-    t.note(f"Triton autotuning {'on' if args.autotune else 'off (first config that fits)'}; "
-           f"torch.compile baseline {'on' if args.compile else 'off (--compile)'}")
+    t.note(
+        f"Triton autotuning {'on' if args.autotune else 'off (first config that fits)'}; "
+        f"torch.compile baseline {'on' if args.compile else 'off (--compile)'}"
+    )
     print(f"mas_local {mas_local.__version__} from {os.path.dirname(mas_local.__file__)} on {DEV}", flush=True)
     gemm = (64, 24, 40) if s else (16384, 4096, 4096)
     penalty = (3, 40) if s else (91, 4096)
     runs = [
-        ("abs", lambda: sec.abs_gemm_section(t, *gemm, torch.bfloat16, "small bf16" if s else
-                                             "N=16384, 4096×4096 bf16", ("accurate", "fast"))),
-        ("fp32", lambda: sec.abs_gemm_section(t, *gemm, torch.float32, "small fp32" if s else
-                                              "N=16384, 4096×4096 fp32", ("accurate", "exact", "fast"))),
-        ("sample", lambda: sec.per_sample_section(t, *((2, 16, 24, 20) if s else (32, 512, 2048, 2048)),
-                                                  torch.bfloat16)),
-        ("sample32", lambda: sec.per_sample_section(t, *((2, 16, 24, 20) if s else (64, 196, 256, 576)),
-                                                    torch.float32, ("accurate", "exact"))),
+        (
+            "abs",
+            lambda: sec.abs_gemm_section(
+                t, *gemm, torch.bfloat16, "small bf16" if s else "N=16384, 4096×4096 bf16", ("accurate", "fast")
+            ),
+        ),
+        (
+            "fp32",
+            lambda: sec.abs_gemm_section(
+                t, *gemm, torch.float32, "small fp32" if s else "N=16384, 4096×4096 fp32", ("accurate", "exact", "fast")
+            ),
+        ),
+        (
+            "sample",
+            lambda: sec.per_sample_section(t, *((2, 16, 24, 20) if s else (32, 512, 2048, 2048)), torch.bfloat16),
+        ),
+        (
+            "sample32",
+            lambda: sec.per_sample_section(
+                t, *((2, 16, 24, 20) if s else (64, 196, 256, 576)), torch.float32, ("accurate", "exact")
+            ),
+        ),
         ("conv", lambda: sec.conv_section(t, *((2, 8, 6) if s else (64, 256, 28)), torch.bfloat16)),
-        ("penalty", lambda: [
-            sec.copy_bandwidth(t, 1 << 20 if s else 1 << 30),
-            sec.penalty_section(t, *penalty, torch.float32, compile_baselines=args.compile),
-            sec.penalty_section(t, *penalty, torch.bfloat16),
-        ]),
+        (
+            "penalty",
+            lambda: [
+                sec.copy_bandwidth(t, 1 << 20 if s else 1 << 30),
+                sec.penalty_section(t, *penalty, torch.float32, compile_baselines=args.compile),
+                sec.penalty_section(t, *penalty, torch.bfloat16),
+            ],
+        ),
         ("designs", lambda: sec.designs_section(t, s)),
     ]
     runs = dict(runs)

@@ -46,8 +46,9 @@ def fp8_here() -> bool:
     return fp8.unavailable_reason(DEV) is None
 
 
-def check_and_time(t, work, impl, call, before, want, bound, dtype, precision, *, flops, naive, ref, target,
-                   fp8=False, with_mem=False):
+def check_and_time(
+    t, work, impl, call, before, want, bound, dtype, precision, *, flops, naive, ref, target, fp8=False, with_mem=False
+):
     """One row: the result of ``call`` on a copy of ``before`` checked, then ``call(target)`` timed."""
     try:
         got = before.clone()
@@ -61,8 +62,16 @@ def check_and_time(t, work, impl, call, before, want, bound, dtype, precision, *
             check = f"{'ok' if err <= contract_limit(dtype, precision) else 'BAD'} {err:.1e}"
         fn = lambda: call(target)
         ms = bench_ms(fn)
-        t.row(work, impl, ms, work_amount=flops, naive=naive, ref=ref, check=check,
-              mem=extra_mib(fn) if with_mem else None)
+        t.row(
+            work,
+            impl,
+            ms,
+            work_amount=flops,
+            naive=naive,
+            ref=ref,
+            check=check,
+            mem=extra_mib(fn) if with_mem else None,
+        )
     except Exception as exc:  # noqa: BLE001 - one failed row must not end the table
         t.failed(work, impl, exc)
 
@@ -89,8 +98,22 @@ def abs_gemm_section(t: Table, n, out_f, in_f, dtype, label, precisions):
         for precision in precisions:
             call = lambda o, be=be, p=precision: ops.abs_gemm_acc_(o, y, x, 1.0 / n, backend=be, precision=p)
             fp8 = be == "triton" and precision == "fast" and fp8_here()
-            check_and_time(t, work, f"{be} {precision}{' (fp8)' if fp8 else ''}", call, before, want, bound, dtype,
-                           precision, flops=flops, naive=t_naive, ref=t_ref, target=omega, fp8=fp8)
+            check_and_time(
+                t,
+                work,
+                f"{be} {precision}{' (fp8)' if fp8 else ''}",
+                call,
+                before,
+                want,
+                bound,
+                dtype,
+                precision,
+                flops=flops,
+                naive=t_naive,
+                ref=t_ref,
+                target=omega,
+                fp8=fp8,
+            )
     if "triton" in backends_here(t):
         from mas_local.kernels import abs_gemm as kag
         from mas_local.kernels import fp8 as kfp8
@@ -107,8 +130,15 @@ def abs_gemm_section(t: Table, n, out_f, in_f, dtype, label, precisions):
             moved8 = (y.numel() + x.numel()) * (2 * y.element_size() + 1)
             try:
                 ms = bench_ms(lambda: kfp8.prepass(y, x))
-                t.row(work, "  fp8 pre-pass alone (amax + cast)", ms, work_amount=moved8, unit="GB/s",
-                      naive=t_naive, ref=t_ref)
+                t.row(
+                    work,
+                    "  fp8 pre-pass alone (amax + cast)",
+                    ms,
+                    work_amount=moved8,
+                    unit="GB/s",
+                    naive=t_naive,
+                    ref=t_ref,
+                )
             except Exception as exc:  # noqa: BLE001
                 t.failed(work, "  fp8 pre-pass alone", exc)
 
@@ -130,8 +160,9 @@ def per_sample_section(t: Table, nb, seq, in_f, out_f, dtype, precisions=("accur
     t.row(work, "naive einsum+abs+sum", t_naive, work_amount=flops, naive=t_naive, mem=extra_mib(naive))
     plain = lambda: a.reshape(-1, out_f).T @ b.reshape(-1, in_f)
     t_ref = bench_ms(plain)
-    t.row(work, "batch-gradient GEMM (cuBLAS)", t_ref, work_amount=flops, naive=t_naive, ref=t_ref,
-          mem=extra_mib(plain))
+    t.row(
+        work, "batch-gradient GEMM (cuBLAS)", t_ref, work_amount=flops, naive=t_naive, ref=t_ref, mem=extra_mib(plain)
+    )
     before = rand_omega(out_f, in_f, seed=6)
     want = before.clone()
     reference.per_sample_abs_acc_(want, a, b, 1.0, "exact")
@@ -139,8 +170,22 @@ def per_sample_section(t: Table, nb, seq, in_f, out_f, dtype, precisions=("accur
     for be in backends_here(t):
         for precision in precisions:
             call = lambda o, be=be, p=precision: ops.per_sample_abs_acc_(o, a, b, 1.0, backend=be, precision=p)
-            check_and_time(t, work, f"{be} {precision}", call, before, want, bound, dtype, precision, flops=flops,
-                           naive=t_naive, ref=t_ref, target=omega, with_mem=True)
+            check_and_time(
+                t,
+                work,
+                f"{be} {precision}",
+                call,
+                before,
+                want,
+                bound,
+                dtype,
+                precision,
+                flops=flops,
+                naive=t_naive,
+                ref=t_ref,
+                target=omega,
+                with_mem=True,
+            )
 
 
 # --------------------------------------------------------------------------- Hebbian conv
@@ -177,8 +222,15 @@ def penalty_section(t: Table, n_tensors, side, odtype, lam=0.5, compile_baseline
     nbytes = numel * (4 + 4 + 4 + 4 + omegas[0].element_size())  # grad read+write, θ, θ*, Ω
     floor_ms = nbytes / (COPY_TBPS * 1e12) * 1e3
     work = f"penalty {numel / 1e9:.2f} G fp32 params, {str(odtype).replace('torch.', '')} Ω ({nbytes // numel} B/param)"
-    t.row(work, f"byte floor at {COPY_TBPS} TB/s", floor_ms, work_amount=nbytes, unit="GB/s", ref=floor_ms,
-          note=f"{nbytes // numel} B/param: grad read+write, θ, θ*, Ω")
+    t.row(
+        work,
+        f"byte floor at {COPY_TBPS} TB/s",
+        floor_ms,
+        work_amount=nbytes,
+        unit="GB/s",
+        ref=floor_ms,
+        note=f"{nbytes // numel} B/param: grad read+write, θ, θ*, Ω",
+    )
     t_naive = None
     if odtype == torch.float32:
         leaves = [p.clone().requires_grad_(True) for p in params]
@@ -211,17 +263,27 @@ def penalty_section(t: Table, n_tensors, side, odtype, lam=0.5, compile_baseline
             want = reference.penalty_grad_(g_ref, params[:k], anchors[:k], omegas[:k], lam)
             g_got = [g.clone() for g in grads[:k]]
             got = ops.penalty_grad_(g_got, params[:k], anchors[:k], omegas[:k], lam, backend=be)
-            again = ops.penalty_grad_([g.clone() for g in grads[:k]], params[:k], anchors[:k], omegas[:k], lam,
-                                      backend=be)
+            again = ops.penalty_grad_(
+                [g.clone() for g in grads[:k]], params[:k], anchors[:k], omegas[:k], lam, backend=be
+            )
             v_err = abs(got.item() - want.item()) / max(abs(want.item()), 1e-30)
             g_err = max(((x - w).abs().max() / w.abs().max()).item() for x, w in zip(g_got, g_ref))
             ok = v_err <= 1e-5 and g_err <= 1e-5 and torch.equal(got, again)
             ms = bench_ms(lambda be=be: ops.penalty_grad_(grads, params, anchors, omegas, lam, backend=be))
-            t.row(work, be, ms, work_amount=nbytes, unit="GB/s", naive=t_naive, ref=floor_ms,
-                  check=f"{'ok' if ok else 'BAD'} val {v_err:.0e} grad {g_err:.0e} det {torch.equal(got, again)}")
+            t.row(
+                work,
+                be,
+                ms,
+                work_amount=nbytes,
+                unit="GB/s",
+                naive=t_naive,
+                ref=floor_ms,
+                check=f"{'ok' if ok else 'BAD'} val {v_err:.0e} grad {g_err:.0e} det {torch.equal(got, again)}",
+            )
         except Exception as exc:  # noqa: BLE001
             t.failed(work, be, exc)
     if CUDA and compile_baselines:  # opt-in (--compile): compiling 2·n_tensors graphs takes minutes
+
         def whole(gs, ps, as_, os_):
             parts = []
             for g, p, a, o in zip(gs, ps, as_, os_):
@@ -238,8 +300,16 @@ def penalty_section(t: Table, n_tensors, side, odtype, lam=0.5, compile_baseline
             sync()
             took = time.perf_counter() - t0
             ms = bench_ms(lambda: cwhole(grads, params, anchors, omegas))
-            t.row(work, "torch.compile (whole list)", ms, work_amount=nbytes, unit="GB/s", naive=t_naive,
-                  ref=floor_ms, note=f"compile {took:.0f} s")
+            t.row(
+                work,
+                "torch.compile (whole list)",
+                ms,
+                work_amount=nbytes,
+                unit="GB/s",
+                naive=t_naive,
+                ref=floor_ms,
+                note=f"compile {took:.0f} s",
+            )
         except Exception as exc:  # noqa: BLE001
             t.failed(work, "torch.compile (whole list)", exc)
 
@@ -273,12 +343,28 @@ def designs_section(t: Table, small: bool):
     work = f"designs: abs-GEMM N={n}, {out_f}×{in_f} bf16"
     t.row(work, "plain `Yᵀ X` (cuBLAS)", t_ref, work_amount=flops, ref=t_ref)
     omega = rand_omega(out_f, in_f)
-    for impl, fn in (("library (triton)", abs_gemm_acc_), ("fused: tl.abs in the GEMM", abs_gemm_fused),
-                     ("pre-pass + Triton GEMM", prepass_triton), ("pre-pass overlapped (side stream)",
-                                                                  prepass_overlap)):
+    for impl, fn in (
+        ("library (triton)", abs_gemm_acc_),
+        ("fused: tl.abs in the GEMM", abs_gemm_fused),
+        ("pre-pass + Triton GEMM", prepass_triton),
+        ("pre-pass overlapped (side stream)", prepass_overlap),
+    ):
         call = lambda o, fn=fn: fn(o, y, x, 1.0 / n, "accurate")
-        check_and_time(t, work, impl, call, before, want, bound, torch.bfloat16, "accurate", flops=flops, naive=None,
-                       ref=t_ref, target=omega)
+        check_and_time(
+            t,
+            work,
+            impl,
+            call,
+            before,
+            want,
+            bound,
+            torch.bfloat16,
+            "accurate",
+            flops=flops,
+            naive=None,
+            ref=t_ref,
+            target=omega,
+        )
 
     nb, seq, in_f, out_f = (2, 16, 24, 20) if small else (32, 512, 2048, 2048)
     a, b = randn(nb, seq, out_f, dtype=torch.bfloat16, seed=14), randn(nb, seq, in_f, dtype=torch.bfloat16, seed=15)
@@ -293,5 +379,19 @@ def designs_section(t: Table, small: bool):
     omega = rand_omega(out_f, in_f)
     for impl, fn in (("library (triton, flat loop)", per_sample_abs_acc_), ("nested loop", per_sample_nested)):
         call = lambda o, fn=fn: fn(o, a, b, 1.0, "accurate")
-        check_and_time(t, work, impl, call, before, want, bound, torch.bfloat16, "accurate", flops=flops, naive=None,
-                       ref=t_ref, target=omega, with_mem=True)
+        check_and_time(
+            t,
+            work,
+            impl,
+            call,
+            before,
+            want,
+            bound,
+            torch.bfloat16,
+            "accurate",
+            flops=flops,
+            naive=None,
+            ref=t_ref,
+            target=omega,
+            with_mem=True,
+        )

@@ -35,8 +35,9 @@ class Table:
             self.notes.append(text)
             self.flush()
 
-    def row(self, work, impl, ms, *, work_amount=None, unit="TFLOP/s", naive=None, ref=None, mem=None, check="",
-            note=""):
+    def row(
+        self, work, impl, ms, *, work_amount=None, unit="TFLOP/s", naive=None, ref=None, mem=None, check="", note=""
+    ):
         rate = ""
         if work_amount is not None and ms and ms > 0:
             scale = 1e12 if unit == "TFLOP/s" else 1e9

@@ -128,8 +128,13 @@ def test_per_sample_abs_acc(benchmark, shape, impl):
             sync(DEVICE)
 
     benchmark(fn)
-    _info(benchmark, flops=2.0 * bsz * t * n_out * n_in, impl=impl, dtype=dt,
-          naive_extra_bytes=bsz * n_out * n_in * a.element_size())
+    _info(
+        benchmark,
+        flops=2.0 * bsz * t * n_out * n_in,
+        impl=impl,
+        dtype=dt,
+        naive_extra_bytes=bsz * n_out * n_in * a.element_size(),
+    )
 
 
 # --------------------------------------------------------------------------- penalty
@@ -150,7 +155,6 @@ def test_penalty_grad(benchmark, shape, impl):
     benchmark.group = f"penalty_grad {n_tensors} tensors {n_params} params fp32"
 
     if impl == "autograd":  # the differentiable penalty and its backward
-
         leaves = [p.clone().requires_grad_(True) for p in params]
         for leaf, g in zip(leaves, grads):
             leaf.grad = g.clone()

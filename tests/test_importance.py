@@ -75,6 +75,20 @@ def test_global_sample_matches_per_sample_loop(kind, converted):
     assert_close(got, oracles.global_sample(model, data))
 
 
+@pytest.mark.parametrize("method", ["batch-as-groups", "unfolded"])
+@pytest.mark.parametrize("kind", ["conv", "resnet"])
+def test_conv_per_sample_methods_match_loop(kind, method, monkeypatch):
+    """Both per-sample methods of the conv rule, whichever the device picks (the CPU takes batch-as-groups)."""
+    from mas_local.importance.rules import conv
+
+    monkeypatch.setattr(conv, "_grouped_on", lambda device: method == "batch-as-groups")
+    model, data = build(kind, converted=False)
+    got = ml.compute_importance(model, data, mode="global", progress=False)
+    assert_close(got, oracles.global_sample(model, data))
+    got = ml.compute_importance(model, data, mode="local", estimator="sample", progress=False)
+    assert_close(got, oracles.local(model, data, "sample"))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_global_batch_matches_official_update(kind):
     model, data = build(kind, converted=True)  # batches of 4 and 3: unequal sizes

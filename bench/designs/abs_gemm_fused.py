@@ -11,10 +11,26 @@ from mas_local.kernels.launch import INTERPRET, TunedKernel, on_device, size_buc
 
 @triton.jit
 def _fused_kernel(
-    omega_ptr, a_ptr, b_ptr, n_out, n_in, n_rows, rows_bucket,
-    a_stride_row, a_stride_out, b_stride_row, b_stride_in, o_stride_out, o_stride_in, alpha,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    omega_ptr,
+    a_ptr,
+    b_ptr,
+    n_out,
+    n_in,
+    n_rows,
+    rows_bucket,
+    a_stride_row,
+    a_stride_out,
+    b_stride_row,
+    b_stride_in,
+    o_stride_out,
+    o_stride_in,
+    alpha,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = ag.grouped_tile(tl.program_id(0), n_out, n_in, BLOCK_M, BLOCK_N, GROUP_M)
     ro = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -40,8 +56,14 @@ def _fused_kernel(
     tl.store(o_ptrs, tl.load(o_ptrs, mask=mask, other=0.0) + alpha * acc, mask=mask)
 
 
-FUSED = TunedKernel(_fused_kernel, ag._GPU_CONFIGS, ["n_out", "n_in", "rows_bucket", "UPCAST", "PRECISION"],
-                    ["omega_ptr"], "a_ptr", ag.INTERPRET_CONFIG)
+FUSED = TunedKernel(
+    _fused_kernel,
+    ag._GPU_CONFIGS,
+    ["n_out", "n_in", "rows_bucket", "UPCAST", "PRECISION"],
+    ["omega_ptr"],
+    "a_ptr",
+    ag.INTERPRET_CONFIG,
+)
 
 
 def abs_gemm_fused(omega, a, b, alpha: float, precision: str = "accurate") -> None:
@@ -50,8 +72,22 @@ def abs_gemm_fused(omega, a, b, alpha: float, precision: str = "accurate") -> No
         a, b = a.float(), b.float()
     n_rows, n_out = a.shape
     n_in = b.shape[1]
-    args = (omega, a, b, n_out, n_in, n_rows, size_bucket(n_rows), a.stride(0), a.stride(1), b.stride(0),
-            b.stride(1), omega.stride(0), omega.stride(1), float(alpha))
+    args = (
+        omega,
+        a,
+        b,
+        n_out,
+        n_in,
+        n_rows,
+        size_bucket(n_rows),
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        omega.stride(0),
+        omega.stride(1),
+        float(alpha),
+    )
     meta = dict(UPCAST=INTERPRET and a.dtype != torch.float32, PRECISION=ag.dot_precision(a.dtype, precision))
     grid = lambda m: (triton.cdiv(n_out, m["BLOCK_M"]) * triton.cdiv(n_in, m["BLOCK_N"]),)
     with on_device(omega.device):

@@ -18,11 +18,29 @@ from mas_local.kernels.launch import INTERPRET, TunedKernel, on_device, size_buc
 
 @triton.jit
 def _nested_kernel(
-    omega_ptr, a_ptr, b_ptr, n_samples, seq_len, seq_bucket, n_out, n_in,
-    a_stride_sample, a_stride_seq, a_stride_out, b_stride_sample, b_stride_seq, b_stride_in,
-    o_stride_out, o_stride_in, alpha,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    omega_ptr,
+    a_ptr,
+    b_ptr,
+    n_samples,
+    seq_len,
+    seq_bucket,
+    n_out,
+    n_in,
+    a_stride_sample,
+    a_stride_seq,
+    a_stride_out,
+    b_stride_sample,
+    b_stride_seq,
+    b_stride_in,
+    o_stride_out,
+    o_stride_in,
+    alpha,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = ag.grouped_tile(tl.program_id(0), n_out, n_in, BLOCK_M, BLOCK_N, GROUP_M)
     ro = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,8 +75,14 @@ def _nested_kernel(
     tl.store(o_ptrs, tl.load(o_ptrs, mask=mask, other=0.0) + alpha * total, mask=mask)
 
 
-NESTED = TunedKernel(_nested_kernel, ps._GPU_CONFIGS, ["n_out", "n_in", "seq_bucket", "UPCAST", "PRECISION"],
-                     ["omega_ptr"], "a_ptr", ps.INTERPRET_CONFIG)
+NESTED = TunedKernel(
+    _nested_kernel,
+    ps._GPU_CONFIGS,
+    ["n_out", "n_in", "seq_bucket", "UPCAST", "PRECISION"],
+    ["omega_ptr"],
+    "a_ptr",
+    ps.INTERPRET_CONFIG,
+)
 
 
 def per_sample_nested(omega, a, b, alpha: float, precision: str = "accurate") -> None:
@@ -67,8 +91,25 @@ def per_sample_nested(omega, a, b, alpha: float, precision: str = "accurate") ->
         a, b = a.float(), b.float()
     nb, t, m = a.shape
     n = b.shape[2]
-    args = (omega, a, b, nb, t, size_bucket(t), m, n, a.stride(0), a.stride(1), a.stride(2), b.stride(0),
-            b.stride(1), b.stride(2), omega.stride(0), omega.stride(1), float(alpha))
+    args = (
+        omega,
+        a,
+        b,
+        nb,
+        t,
+        size_bucket(t),
+        m,
+        n,
+        a.stride(0),
+        a.stride(1),
+        a.stride(2),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        omega.stride(0),
+        omega.stride(1),
+        float(alpha),
+    )
     meta = dict(UPCAST=INTERPRET and a.dtype != torch.float32, PRECISION=ag.dot_precision(a.dtype, precision))
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     with on_device(omega.device):
