@@ -123,6 +123,8 @@ class Capture:
         self.expand = expand or set()
         self.layout_modules = layout_modules
         self.sites: list[Site] = []
+        self.copied: set[tuple[int, str]] = set()  # (id(module), part) copied by copy_on_write
+        self._held: dict[int, list[tuple[Site, str]]] = {}  # id(tensor) -> sites and parts holding it
         self._seq_first = 0
         self._handles: list = []
         self._wanted = {id(m) for m in modules}
@@ -179,10 +181,39 @@ class Capture:
                 site.in_dims[i] = None
         site.targets = [t for t in targets if isinstance(t, Tensor)]
         site.versions = [t._version for t in in_leaves if isinstance(t, Tensor)] + [t._version for t in outputs]
+        for t in in_leaves:
+            if isinstance(t, Tensor):
+                self._held.setdefault(id(t), []).append((site, "inputs"))
+        for t in outputs:
+            self._held.setdefault(id(t), []).append((site, "outputs"))
         if self.on_site is not None:
             self.on_site(site)
         self.sites.append(site)
         return output
+
+    def copy_on_write(self, t: Tensor) -> None:
+        """``t`` is about to be changed in place: sites holding it (or the tensor it is a view of) keep a copy.
+
+        Local mode only (in global mode the rest of the model holds aliases of the outputs). The site's
+        part is copied as it is now, so the statistics see the values the module saw.
+        """
+        for key in (id(t), id(t._base) if t._base is not None else None):
+            for site, part in self._held.pop(key, ()) if key is not None else ():
+                if part == "inputs":
+                    old = flat_leaves((site.args, site.kwargs))
+                    site.args = tuple(a.clone() if isinstance(a, Tensor) else a for a in site.args)
+                    site.kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in site.kwargs.items()}
+                else:
+                    old = list(site.outputs)
+                    site.outputs = [o.clone() for o in site.outputs]
+                    site.targets = list(site.outputs)
+                for o in old:  # this site holds copies now, not the originals
+                    holders = self._held.get(id(o)) if isinstance(o, Tensor) else None
+                    if holders:
+                        holders[:] = [(s, p) for s, p in holders if not (s is site and p == part)]
+                in_now = tensor_leaves((site.args, site.kwargs))
+                site.versions = [a._version for a in in_now] + [o._version for o in site.outputs]
+                self.copied.add((id(site.module), part))
 
     def _expanded(self, args: tuple, kwargs: dict, leaves: list) -> tuple[tuple, dict, list]:
         """A call shared by the batch, as if each sample had made it: ``[1, ...]`` inputs and outputs expanded to B."""

@@ -270,6 +270,8 @@ class Estimator:
             alias=self.mode == "global",
             layout_modules=self._layout_modules,
         )
+        if self.mode == "local":  # an in-place change of a captured tensor copies it first (no re-run)
+            probe.before_write = cap.copy_on_write
         grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
         with grad_ctx:
             probe.watch(tensor_leaves(batch))
@@ -283,6 +285,7 @@ class Estimator:
         self.plan = plan
         sites = [s for s in cap.sites if id(s.module) in plan.sites]
         changed = {(id(s.module), part) for s in sites for part in s.changed_parts()}
+        self._clone_modules |= {key for key in cap.copied if key[0] in plan.sites}  # copy them from the start
         captured = {id(m) for m in likely}
         if plan.expand or changed or any(key not in captured for key in plan.sites):
             self._clone_modules |= changed

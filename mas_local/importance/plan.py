@@ -25,8 +25,10 @@ them (rule 1), for modules that only run on later batches (e.g. MoE experts).
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +125,41 @@ def registration_plan(model: nn.Module, params: dict[str, nn.Parameter]) -> Plan
     return plan
 
 
+_INPLACE_PARAM: dict[Any, int | None] = {}  # function -> position of its ``inplace`` parameter (None: has none)
+
+
+def _inplace_position(func) -> int | None:
+    if func not in _INPLACE_PARAM:
+        try:
+            names = list(inspect.signature(func).parameters)
+        except (TypeError, ValueError):  # builtins without a signature
+            names = []
+        _INPLACE_PARAM[func] = names.index("inplace") if "inplace" in names else None
+    return _INPLACE_PARAM[func]
+
+
+def written_tensors(func, args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors a torch function call is about to change in place, as far as its name and arguments say.
+
+    ``x.relu_()``, ``x += y``, ``x[i] = v``, ``F.relu(x, inplace=True)`` and ``out=`` are recognised; anything
+    else (an in-place op through a view, say) is still caught afterwards by the version counters.
+    """
+    name = getattr(func, "__name__", "")
+    written: list[Tensor] = []
+    first = args[0] if args and isinstance(args[0], Tensor) else None
+    if first is not None:
+        if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__":
+            written.append(first)
+        else:
+            pos = _inplace_position(func)
+            if pos is not None and (kwargs.get("inplace") is True or (len(args) > pos and args[pos] is True)):
+                written.append(first)
+    out = kwargs.get("out")
+    if out is not None:
+        written.extend(t for t in flat_leaves(out) if isinstance(t, Tensor))
+    return written
+
+
 class UsageProbe(TorchFunctionMode):
     """Records, for each parameter, the stack of module calls active at each differentiable read."""
 
@@ -145,6 +182,8 @@ class UsageProbe(TorchFunctionMode):
         self.shared_leaves: dict[int, set[int]] = {}
         self._seq_first = 0
         self._handles: list = []
+        # called with each tensor an in-place op is about to change (local mode: the capture copies it first)
+        self.before_write: Callable[[Tensor], None] | None = None
 
     def watch(self, batch_tensors: list[Tensor]) -> None:
         for t in batch_tensors:
@@ -162,6 +201,9 @@ class UsageProbe(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.before_write is not None:
+            for t in written_tensors(func, args, kwargs):
+                self.before_write(t)
         out = func(*args, **kwargs)
         if getattr(func, "__name__", "") in _NOT_A_USE:
             return out
