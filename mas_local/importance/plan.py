@@ -125,36 +125,35 @@ def registration_plan(model: nn.Module, params: dict[str, nn.Parameter]) -> Plan
     return plan
 
 
-_INPLACE_PARAM: dict[Any, int | None] = {}  # function -> position of its ``inplace`` parameter (None: has none)
+# function -> (whether its name says it writes its first argument, position of its ``inplace`` parameter)
+_WRITES: dict[Any, tuple[bool, int | None]] = {}
 
 
-def _inplace_position(func) -> int | None:
-    if func not in _INPLACE_PARAM:
+def _write_kind(func) -> tuple[bool, int | None]:
+    kind = _WRITES.get(func)
+    if kind is None:
+        name = getattr(func, "__name__", "")
+        by_name = (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__"
         try:
             names = list(inspect.signature(func).parameters)
         except (TypeError, ValueError):  # builtins without a signature
             names = []
-        _INPLACE_PARAM[func] = names.index("inplace") if "inplace" in names else None
-    return _INPLACE_PARAM[func]
+        kind = _WRITES[func] = (by_name, names.index("inplace") if "inplace" in names else None)
+    return kind
 
 
 def written_tensors(func, args: tuple, kwargs: dict) -> list[Tensor]:
     """The tensors a torch function call is about to change in place, as far as its name and arguments say.
 
     ``x.relu_()``, ``x += y``, ``x[i] = v``, ``F.relu(x, inplace=True)`` and ``out=`` are recognised; anything
-    else (an in-place op through a view, say) is still caught afterwards by the version counters.
+    else (an in-place op inside another function, say) is still caught afterwards by the version counters.
     """
-    name = getattr(func, "__name__", "")
+    by_name, pos = _write_kind(func)
     written: list[Tensor] = []
-    first = args[0] if args and isinstance(args[0], Tensor) else None
-    if first is not None:
-        if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__":
-            written.append(first)
-        else:
-            pos = _inplace_position(func)
-            if pos is not None and (kwargs.get("inplace") is True or (len(args) > pos and args[pos] is True)):
-                written.append(first)
-    out = kwargs.get("out")
+    if args and isinstance(args[0], Tensor):
+        if by_name or (pos is not None and (kwargs.get("inplace") is True or (len(args) > pos and args[pos] is True))):
+            written.append(args[0])
+    out = kwargs.get("out") if kwargs else None
     if out is not None:
         written.extend(t for t in flat_leaves(out) if isinstance(t, Tensor))
     return written
