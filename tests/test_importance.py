@@ -6,6 +6,8 @@ rtol 1e-5 with atol 1e-6 × max|Ω| per parameter.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -378,3 +380,28 @@ def test_activation_errors():
         ml.MAS(model, mode="local", activation={"nope*": torch.relu})
     with pytest.raises(ml.ImportanceError, match="output shape"):
         ml.compute_importance(model, [torch.randn(2, 13)], mode="local", activation=lambda y: y.sum(-1), progress=False)
+
+
+class _DropsIntermediate(nn.Module):
+    """An intermediate computed from the batch, dropped before the next layer runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.alive_at_fc2: list[bool] = []
+        self.fc2.register_forward_pre_hook(lambda m, a: self.alive_at_fc2.append(self._tmp() is not None))
+
+    def forward(self, x):
+        tmp = self.fc1(x) * 2.0
+        self._tmp = weakref.ref(tmp)
+        h = torch.tanh(tmp)
+        del tmp
+        return self.fc2(h)
+
+
+def test_first_batch_probe_keeps_no_intermediate_alive():
+    """The usage probe follows tensors computed from the batch by weak reference: it holds none of them."""
+    model = _DropsIntermediate().double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    ml.compute_importance(model, [x, x], mode="local", progress=False)
+    assert model.alive_at_fc2 == [False, False]
