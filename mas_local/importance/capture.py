@@ -123,6 +123,7 @@ class Capture:
         self.expand = expand or set()
         self.layout_modules = layout_modules
         self.sites: list[Site] = []
+        self.track_writes = False  # True: remember which sites hold which tensors, for copy_on_write
         self.copied: set[tuple[int, str]] = set()  # (id(module), part) copied by copy_on_write
         self._held: dict[int, list[tuple[Site, str]]] = {}  # id(tensor) -> sites and parts holding it
         self._seq_first = 0
@@ -181,11 +182,12 @@ class Capture:
                 site.in_dims[i] = None
         site.targets = [t for t in targets if isinstance(t, Tensor)]
         site.versions = [t._version for t in in_leaves if isinstance(t, Tensor)] + [t._version for t in outputs]
-        for t in in_leaves:
-            if isinstance(t, Tensor):
-                self._held.setdefault(id(t), []).append((site, "inputs"))
-        for t in outputs:
-            self._held.setdefault(id(t), []).append((site, "outputs"))
+        if self.track_writes:
+            for t in in_leaves:
+                if isinstance(t, Tensor):
+                    self._held.setdefault(id(t), []).append((site, "inputs"))
+            for t in outputs:
+                self._held.setdefault(id(t), []).append((site, "outputs"))
         if self.on_site is not None:
             self.on_site(site)
         self.sites.append(site)

@@ -271,7 +271,7 @@ class Estimator:
             layout_modules=self._layout_modules,
         )
         if self.mode == "local":  # an in-place change of a captured tensor copies it first (no re-run)
-            probe.before_write = cap.copy_on_write
+            cap.track_writes, probe.before_write = True, cap.copy_on_write
         grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
         with grad_ctx:
             probe.watch(tensor_leaves(batch))
