@@ -91,6 +91,24 @@ def test_conv_per_sample_methods_match_loop(kind, method, monkeypatch):
     assert_close(got, oracles.local(model, data, "sample"))
 
 
+@pytest.mark.parametrize("method", ["batch-as-groups", "unfolded"])
+def test_conv_per_sample_methods_on_channels_last(method, monkeypatch):
+    """Channels-last weights and inputs (batch and channels do not merge into one view there)."""
+    from mas_local.importance.rules import conv
+
+    monkeypatch.setattr(conv, "_grouped_on", lambda device: method == "batch-as-groups")
+    model, data = build("resnet", converted=False)
+    model = model.to(memory_format=torch.channels_last)
+    data = [x.contiguous(memory_format=torch.channels_last) for x in data]
+    got = ml.compute_importance(model, data, mode="global", progress=False)
+    assert_close(got, oracles.global_sample(model, data))
+    got = ml.compute_importance(model, data, mode="local", estimator="sample", progress=False)
+    assert_close(got, oracles.local(model, data, "sample"))
+    plain, plain_data = build("resnet", converted=False)
+    got = ml.compute_importance(model, data, mode="local", estimator="hebbian", progress=False)
+    assert_close(got, ml.compute_importance(plain, plain_data, mode="local", estimator="hebbian", progress=False))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_global_batch_matches_official_update(kind):
     model, data = build(kind, converted=True)  # batches of 4 and 3: unequal sizes

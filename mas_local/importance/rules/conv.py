@@ -119,13 +119,17 @@ class ConvRule(Rule):
                 g = _per_sample_weight_grads(m, xp[rows].float(), pad, d[rows])
                 omega.add_(g.abs_().sum(0).view(omega.shape))
         elif w is not None:
-            omega = acc.sum_of(w).view(m.out_channels, -1)
+            total = acc.sum_of(w)  # in the weight's memory format: a channels-last sum has no [O, C·k·k] view
+            flat = (m.out_channels, total.numel() // m.out_channels)
+            omega = total.view(flat) if total.is_contiguous() else total.new_zeros(flat)
             cols = xp.shape[1] * kernel[0] * kernel[1]
             scratch = acc.per_sample_scratch(omega.shape[0] // m.groups, omega.shape[1], xp.device)
             per_sample = scratch + 4 * (d.shape[2] * d.shape[3] * cols + d[0].numel())
             for rows in acc.chunks(xp.shape[0], bytes_per_sample=per_sample):
                 for out_rows, d_g, x_g in _unfolded_groups(m, xp[rows], pad, d[rows]):
                     ops.eager.per_sample_abs_acc_(omega[out_rows], d_g, x_g, 1.0, acc.backend, acc.precision)
+            if omega.data_ptr() != total.data_ptr():
+                total.add_(omega.view(total.shape))
         if b is not None:
             acc.add_sum(b, d.float().sum((2, 3)).abs().sum(0))
 
