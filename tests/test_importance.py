@@ -349,6 +349,53 @@ def test_chunking_gives_the_same_result():
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-9)
 
 
+class _SharedConv(nn.Module):
+    """One convolution called on two inputs, and a tied embedding/head with a padding index."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, groups=1)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, x):
+        a = torch.tanh(self.conv(x)).mean((2, 3))
+        b = torch.tanh(self.conv(x.flip(-1) * 0.5)).mean((2, 3))
+        return self.out(torch.cat([a, b], 1))
+
+
+class _TiedPadded(nn.Module):
+    def __init__(self, vocab=9, d=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.emb(idx))))
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "one-sample-chunks"])
+@pytest.mark.parametrize("method", ["batch-as-groups", "unfolded"])
+def test_parameters_computed_at_several_calls(method, chunk_bytes, monkeypatch):
+    """Per-sample gradients of a conv called twice and of a tied embedding/head (with padding tokens) are
+    summed over the calls before |·|, also when the batch is cut into one-sample chunks."""
+    from mas_local.importance.rules import conv
+
+    monkeypatch.setattr(conv, "_grouped_on", lambda device: method == "batch-as-groups")
+    kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+    torch.manual_seed(0)
+    model = _SharedConv().double().eval()
+    data = conv_data(shape=(6, 5))
+    assert_close(ml.compute_importance(model, data, progress=False, **kw), oracles.global_sample(model, data))
+    got = ml.compute_importance(model, data, mode="local", estimator="sample", progress=False, **kw)
+    assert_close(got, oracles.local(model, data, "sample"))
+    torch.manual_seed(1)
+    model = _TiedPadded().double().eval()
+    data = [torch.tensor([[3, 5, 0, 0], [1, 8, 8, 2], [0, 4, 6, 7]]), torch.tensor([[2, 2, 0, 1], [7, 0, 0, 0]])]
+    assert_close(ml.compute_importance(model, data, progress=False, **kw), oracles.global_sample(model, data))
+
+
 def test_local_activation_hebbian_matches_formula():
     """hebbian with a user activation pairs |act(y)| with |x| (layers not named keep y)."""
     torch.manual_seed(0)
