@@ -285,7 +285,10 @@ class Estimator:
         self.plan = plan
         sites = [s for s in cap.sites if id(s.module) in plan.sites]
         changed = {(id(s.module), part) for s in sites for part in s.changed_parts()}
-        self._clone_modules |= {key for key in cap.copied if key[0] in plan.sites}  # copy them from the start
+        copied = {key for key in cap.copied if key[0] in plan.sites}
+        if copied:  # copied before the write on this batch; from the next one on, captured as copies
+            self._clone_modules |= copied
+            self.notice_once("inplace", "a layer input or output is modified in place; capturing copies of it")
         captured = {id(m) for m in likely}
         if plan.expand or changed or any(key not in captured for key in plan.sites):
             self._clone_modules |= changed
