@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts its OpenMP runtime
 
-import platform
-import subprocess
 import sys
-import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mas_local as ml  # noqa: E402
 from bench import models  # noqa: E402
+from bench.timing import best_of, header  # noqa: E402
 
 _LIBC = ctypes.CDLL("libc.so.6")
 
@@ -72,16 +69,17 @@ def first_batch_only(fn):
 
 
 def best(fns: dict, model, data, repeats: int) -> dict[str, float]:
-    """Min over ``repeats`` rounds, the functions interleaved within each round (after one warm-up each)."""
-    for fn in fns.values():
-        fn(model, data)
-    times = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn(model, data)
-            times[name] = min(times[name], time.perf_counter() - t)
-    return times
+    """Seconds per call of each ``fn(model, data)`` (min of interleaved repeats, ``bench/timing.py``)."""
+    return best_of({name: (lambda fn=fn: fn(model, data)) for name, fn in fns.items()}, repeats)
+
+
+def with_first_batch(**estimators: tuple[str, str]) -> dict:
+    """A consolidation per ``key=(mode, estimator)``, and as ``key1`` the same on the first batch alone."""
+    fns = {}
+    for key, (mode, estimator) in estimators.items():
+        fns[key] = consolidation(mode, estimator)
+        fns[key + "1"] = first_batch_only(fns[key])
+    return fns
 
 
 class _MallInfo(ctypes.Structure):
@@ -141,121 +139,55 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
 
-    def add(model_name, what, num, den, target, later=None):
-        """``later``: the same ratio over the batches after the first, as (num_pass, num_first, den_pass, n)."""
-        steady = ""
-        if later is not None:
-            num_pass, num_first, den_pass, n = later
-            steady = f"{((num_pass - num_first) / (n - 1)) / (den_pass / n):.2f}×"
-        rows.append((model_name, what, num / den, steady, target))
+    def add(model_name, what, num, den, target):
+        rows.append((model_name, what, num / den, "", target))
 
+    def add_pass(model_name, what, t, key, den, n, target):
+        """The ratio over the pass, and over the batches after the first (pass minus a one-batch pass)."""
+        later = ((t[key] - t[key + "1"]) / (n - 1)) / (t[den] / n)
+        rows.append((model_name, what, t[key] / t[den], f"{later:.2f}×", target))
+
+    both = {"hebbian": ("local", "hebbian"), "sample": ("global", "sample")}
     for name, build in (("Llama h128 ×2, 4×8×64 tokens", models.llama), ("GPT-2 h128 ×2, 4×8×64", models.gpt2)):
         model, data = build()
-        n = len(data)
-        t = best(
-            {
-                "fwd": forward,
-                "fwdbwd": forward_backward,
-                "hebbian": consolidation("local", "hebbian"),
-                "hebbian1": first_batch_only(consolidation("local", "hebbian")),
-                "hebbian_fast": consolidation("local", "hebbian", precision="fast"),
-                "sample": consolidation("global", "sample"),
-                "sample1": first_batch_only(consolidation("global", "sample")),
-            },
-            model,
-            data,
-            args.repeats,
-        )
-        add(
-            name, "local hebbian ÷ forward", t["hebbian"], t["fwd"], "≤ 2.2", (t["hebbian"], t["hebbian1"], t["fwd"], n)
-        )
+        fns = {"fwd": forward, "fwdbwd": forward_backward, **with_first_batch(**both)}
+        fns["hebbian_fast"] = consolidation("local", "hebbian", precision="fast")
+        t = best(fns, model, data, args.repeats)
+        add_pass(name, "local hebbian ÷ forward", t, "hebbian", "fwd", len(data), "≤ 2.2")
         add(name, 'local hebbian, precision="fast" ÷ forward', t["hebbian_fast"], t["fwd"], "≤ 1.6")
-        add(
-            name,
-            "global sample ÷ forward+backward",
-            t["sample"],
-            t["fwdbwd"],
-            "≤ 1.3",
-            (t["sample"], t["sample1"], t["fwdbwd"], n),
-        )
+        add_pass(name, "global sample ÷ forward+backward", t, "sample", "fwdbwd", len(data), "≤ 1.3")
     model, data = models.resnet()
-    n = len(data)
-    t = best(
-        {
-            "fwd": forward,
-            "fwdbwd": forward_backward,
-            "hebbian": consolidation("local", "hebbian"),
-            "hebbian1": first_batch_only(consolidation("local", "hebbian")),
-            "sample": consolidation("global", "sample"),
-            "sample1": first_batch_only(consolidation("global", "sample")),
-        },
-        model,
-        data,
-        args.repeats,
-    )
+    t = best({"fwd": forward, "fwdbwd": forward_backward, **with_first_batch(**both)}, model, data, args.repeats)
     name = "ResNet CNN (BN, in-place ReLU), 4×[16,3,32,32]"
-    add(name, "local hebbian ÷ forward", t["hebbian"], t["fwd"], "≤ 2.5", (t["hebbian"], t["hebbian1"], t["fwd"], n))
-    add(
-        name,
-        "global sample ÷ forward+backward",
-        t["sample"],
-        t["fwdbwd"],
-        "≤ 2.0",
-        (t["sample"], t["sample1"], t["fwdbwd"], n),
-    )
+    add_pass(name, "local hebbian ÷ forward", t, "hebbian", "fwd", len(data), "≤ 2.5")
+    add_pass(name, "global sample ÷ forward+backward", t, "sample", "fwdbwd", len(data), "≤ 2.0")
     model, data = models.token_mlp()
     name = "token MLP [32,128,256] 256→1024→256"
+    micro = consolidation("global", "sample", micro_batch=4)
     t = best(
-        {
-            "loop": per_sample_loop,
-            "sample": consolidation("global", "sample"),
-            "micro": consolidation("global", "sample", micro_batch=4),
-        },
+        {"loop": per_sample_loop, "sample": consolidation("global", "sample"), "micro": micro},
         model,
         data,
         args.repeats,
     )
-    loop_mib = peak_mib(per_sample_loop, model, data)
-    sample_mib = peak_mib(consolidation("global", "sample"), model, data)
-    micro_mib = peak_mib(consolidation("global", "sample", micro_batch=4), model, data)
-    add(name, "per-sample loop ÷ global sample", t["loop"], t["sample"], "≥ 1.3")
-    add(
-        name,
-        f"peak extra memory, global sample ÷ loop ({sample_mib:.0f} / {loop_mib:.0f} MiB)",
-        sample_mib,
-        max(loop_mib, 1e-9),
-        "≤ 2",
-    )
-    add(name, "per-sample loop ÷ global sample, micro_batch=4", t["loop"], t["micro"], "≥ 1.3")
-    add(
-        name,
-        f"peak extra memory, micro_batch=4 ÷ loop ({micro_mib:.0f} / {loop_mib:.0f} MiB)",
-        micro_mib,
-        max(loop_mib, 1e-9),
-        "≤ 2",
-    )
+    loop_mib = max(peak_mib(per_sample_loop, model, data), 1e-9)
+    for label, key, fn in (("", "sample", consolidation("global", "sample")), (", micro_batch=4", "micro", micro)):
+        mib = peak_mib(fn, model, data)
+        add(name, f"per-sample loop ÷ global sample{label}", t["loop"], t[key], "≥ 1.3")
+        add(
+            name,
+            f"peak extra memory, global sample{label} ÷ loop ({mib:.0f} / {loop_mib:.0f} MiB)",
+            mib,
+            loop_mib,
+            "≤ 2",
+        )
     for name, build in (("tiny MLP 32→64→10, 4×16", models.tiny_mlp), ("tiny Llama h64 ×1, 4×4×16", models.tiny_llama)):
         model, data = build()
-        n = len(data)
-        t = best(
-            {
-                "fwd": forward,
-                "sample": consolidation("global", "sample"),
-                "sample1": first_batch_only(consolidation("global", "sample")),
-                "hebbian": consolidation("local", "hebbian"),
-                "hebbian1": first_batch_only(consolidation("local", "hebbian")),
-            },
-            model,
-            data,
-            args.repeats,
-        )
-        add(name, "global sample ÷ forward", t["sample"], t["fwd"], "≤ 4", (t["sample"], t["sample1"], t["fwd"], n))
-        add(name, "local hebbian ÷ forward", t["hebbian"], t["fwd"], "≤ 4", (t["hebbian"], t["hebbian1"], t["fwd"], n))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        t = best({"fwd": forward, **with_first_batch(**both)}, model, data, args.repeats)
+        add_pass(name, "global sample ÷ forward", t, "sample", "fwd", len(data), "≤ 4")
+        add_pass(name, "local hebbian ÷ forward", t, "hebbian", "fwd", len(data), "≤ 4")
     lines = [
-        f"# Consolidation cost ({datetime.date.today()}, {platform.processor() or platform.machine()}, "
-        f"{args.threads} threads, torch {torch.__version__}, commit {commit}, "
-        f"min of {args.repeats} interleaved repeats)",
+        header("Consolidation cost", f"min of {args.repeats} interleaved repeats"),
         "",
         "The pass ratio is the target's; the batches after the first (pass minus a one-batch pass, per batch) show",
         "what the first batch's planning (usage probe, recognition checks) adds to a four-batch pass.",

@@ -10,21 +10,18 @@ Run: ``python bench/conv_per_sample.py [--threads 2] [--repeats 10] [--out FILE]
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts its OpenMP runtime
 
-import platform
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.timing import best_of, header  # noqa: E402
 from mas_local import ops  # noqa: E402
 from mas_local.importance.rules.conv import _per_sample_weight_grads  # noqa: E402
 
@@ -36,19 +33,6 @@ SHAPES = [
     (32, 32, 16, 3, 1, 1),
     (32, 32, 32, 1, 2, 0),
 ]
-
-
-def best_ms(fns: dict, repeats: int) -> dict[str, float]:
-    """Min over ``repeats`` rounds, the functions interleaved within each round (after one warm-up each)."""
-    for fn in fns.values():
-        fn()
-    times = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k] = min(times[k], time.perf_counter() - t)
-    return {k: v * 1e3 for k, v in times.items()}
 
 
 def measure(shape: tuple, b: int, repeats: int, g: torch.Generator) -> dict[str, float]:
@@ -74,7 +58,8 @@ def measure(shape: tuple, b: int, repeats: int, g: torch.Generator) -> dict[str,
     grouped()
     if not torch.allclose(omega, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
         raise SystemExit(f"the two methods disagree for {shape}")
-    return best_ms({"unfolded": unfolded, "grouped": grouped, "floor": batch_weight_grad}, repeats)
+    seconds = best_of({"unfolded": unfolded, "grouped": grouped, "floor": batch_weight_grad}, repeats)
+    return {k: v * 1e3 for k, v in seconds.items()}
 
 
 def main(argv=None) -> int:
@@ -88,11 +73,8 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     b = args.batch
     rows = [(shape[:5], measure(shape, b, args.repeats, g)) for shape in SHAPES]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
-        f"# Conv per-sample |grad| sums on the CPU ({datetime.date.today()}, "
-        f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-        f"commit {commit}, batch {b}, min of {args.repeats} interleaved repeats)",
+        header("Conv per-sample |grad| sums on the CPU", f"batch {b}", f"min of {args.repeats} interleaved repeats"),
         "",
         "| C→O, side, kernel, stride | unfolded + fused op (ms) | batch as groups (ms) | batch weight grad (ms) "
         "| unfolded ÷ groups | groups ÷ batch grad |",

@@ -6,15 +6,17 @@ Run: python bench/cpu_sample_vs_loop.py  (prints a markdown table; CPU-sized)
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import subprocess
+import os
+import sys
 import time
 
 import torch
 from torch import nn
 
 import mas_local as ml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.timing import header  # noqa: E402
 
 
 def per_sample_loop(model, batches):
@@ -63,11 +65,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", help="also write the table to this file")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
-        f"# global `sample` vs per-sample autograd loop — {datetime.date.today()}, "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"commit {commit}",
+        header("global `sample` vs per-sample autograd loop"),
         "",
         "| model / data | samples | per-sample loop (s) | mas_local (s) | speed-up | max rel. diff |",
         "|---|---|---|---|---|---|",

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import time
 import traceback
 
 import torch
+
+from bench.timing import git_commit
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -141,17 +142,6 @@ def randn(*shape, dtype, seed):
 def rand_omega(*shape, seed=99):
     g = torch.Generator(device=DEV).manual_seed(seed)
     return torch.rand(*shape, generator=g, device=DEV) + 0.5
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True)
-            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        pass
-    return os.environ.get("MAS_LOCAL_COMMIT", "unknown (no git)")
 
 
 def _triton_version() -> str:

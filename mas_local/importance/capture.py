@@ -90,6 +90,14 @@ class Site:
         return parts
 
 
+def _copies(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call's arguments with its top-level tensors copied (nested ones are left to the version check)."""
+    return (
+        tuple(a.clone() if isinstance(a, Tensor) else a for a in args),
+        {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()},
+    )
+
+
 class Capture:
     """Context manager: while active, calls of ``modules`` are recorded as :class:`Site` objects.
 
@@ -159,8 +167,7 @@ class Capture:
         else:
             targets = leaves
         if clone_in:  # the model keeps its inputs (and changes them later); the site keeps copies
-            args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
-            kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+            args, kwargs = _copies(args, kwargs)
         if clone_out:  # the site keeps the outputs; the model continues with copies
             output = rebuilt([t.clone() if isinstance(t, Tensor) else t for t in targets])
         elif self.alias:
@@ -203,8 +210,7 @@ class Capture:
             for site, part in self._held.pop(key, ()) if key is not None else ():
                 if part == "inputs":
                     old = flat_leaves((site.args, site.kwargs))
-                    site.args = tuple(a.clone() if isinstance(a, Tensor) else a for a in site.args)
-                    site.kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in site.kwargs.items()}
+                    site.args, site.kwargs = _copies(site.args, site.kwargs)
                 else:
                     old = list(site.outputs)
                     site.outputs = [o.clone() for o in site.outputs]

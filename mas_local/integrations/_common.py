@@ -110,6 +110,11 @@ def make_mas(spec: Any, model: nn.Module, who: str) -> MAS:
     return MAS(model, **dict(spec))
 
 
+def check_max_batches(max_batches: Any, who: str) -> None:
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"{who}: max_batches must be a positive int or None, got {max_batches!r}")
+
+
 def check_mas_spec(spec: Any, who: str) -> None:
     """A callback takes a MAS object or a dict of its settings; anything else is refused now."""
     if not isinstance(spec, (MAS, Mapping)):

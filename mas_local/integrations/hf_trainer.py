@@ -20,6 +20,7 @@ from ._common import (
     ConsolidationData,
     PenaltyMeter,
     check_mas_spec,
+    check_max_batches,
     check_same_model,
     make_mas,
     missing_framework,
@@ -98,8 +99,7 @@ class MASTrainerCallback(TrainerCallback):
             )
         if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
             raise ValueError(f"{WHO}: clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
-        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"{WHO}: max_batches must be a positive int or None, got {max_batches!r}")
+        check_max_batches(max_batches, WHO)
         self._spec = mas
         self.mas: MAS | None = mas if isinstance(mas, MAS) else None
         self.consolidate_on = consolidate_on

@@ -9,7 +9,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..regularizer import MAS
-from ._common import LABEL_KEYS, ConsolidationData, check_mas_spec, check_same_model, missing_framework
+from ._common import (
+    LABEL_KEYS,
+    ConsolidationData,
+    check_mas_spec,
+    check_max_batches,
+    check_same_model,
+    missing_framework,
+)
 
 try:
     import lightning.pytorch as pl
@@ -58,8 +65,7 @@ class MASLightningCallback(pl.Callback):
                 f"{WHO}: consolidate_on must be 'train', 'val', None or a DataLoader/iterable of batches, "
                 f"got {consolidate_on!r}"
             )
-        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"{WHO}: max_batches must be a positive int or None, got {max_batches!r}")
+        check_max_batches(max_batches, WHO)
         self._spec = mas
         self.mas: MAS | None = mas if isinstance(mas, MAS) else None
         self._pending: dict[str, Any] | None = None  # a state loaded before the MAS exists

@@ -74,13 +74,9 @@ class LinearRule(Rule):
             acc.add_count(b, x2.shape[0])
 
     def per_sample_grads(self, acc, site, params, rows):
-        x, d = self._rows(acc, site)
-        x, d = x[rows].float(), d[rows].float()
-        out = {}
-        if "weight" in params:
-            out["weight"] = torch.einsum("bti,btj->bij", *self._pair(d, x))
-        if "bias" in params:
-            out["bias"] = d.sum(1)
+        k = rows.stop - rows.start
+        out = {name: torch.zeros(k, *p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+        self.add_per_sample_grads(acc, site, params, rows, out)
         return out
 
     def add_per_sample_grads(self, acc, site, params, rows, into):
