@@ -288,6 +288,9 @@ def test_refuses_a_mas_of_another_model_and_bad_arguments(tmp_path):
         MASTrainerCallback(object())
     with pytest.raises(ValueError, match="clip_grad_norm"):
         MASTrainerCallback(other, clip_grad_norm=-1.0)
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match="max_batches must be a positive int"):
+            MASTrainerCallback(other, max_batches=bad)
 
 
 def test_fp16_gradients_are_unscaled_before_the_penalty():

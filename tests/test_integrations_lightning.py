@@ -225,6 +225,9 @@ def test_settings_dict_creates_mas_on_the_module_and_bad_uses_are_refused():
         MASLightningCallback({"lam": 1.0}, consolidate_on="test")
     with pytest.raises(TypeError, match="'model'"):
         MASLightningCallback({"model": module})
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match="max_batches must be a positive int"):
+            MASLightningCallback({"lam": 1.0}, max_batches=bad)
 
 
 def test_a_missing_lightning_names_the_extra():
