@@ -120,12 +120,18 @@ class _Bare(nn.Module):
 
 
 def without_fsdp_hooks(module: nn.Module, params: dict[str, Tensor]) -> tuple[nn.Module, dict[str, Tensor]]:
-    """For re-running an FSDP2 module functionally: the module and parameter names to pass to functional_call."""
+    """For re-running a module functionally: the module and parameter names to pass to functional_call.
+
+    A module with hooks of its own (FSDP2's re-gather and swap parameters; a user's forward hook changes the
+    output after the module's own forward, and a pre-hook has already changed the captured arguments) is
+    re-run through its ``forward`` alone; its children keep their hooks, which are part of that forward.
+    """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
-        return module, params
-    if not isinstance(module, FSDPModule):
+        FSDPModule = ()
+    hooked = module._forward_hooks or module._forward_pre_hooks or isinstance(module, FSDPModule)
+    if not hooked:
         return module, params
     return _Bare(module), {f"inner.{k}": v for k, v in params.items()}
 

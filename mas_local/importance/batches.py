@@ -39,13 +39,16 @@ def call_model(model: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, An
     if isinstance(inputs, Tensor):
         return model(inputs)
     raise ImportanceError(
-        f"a batch must be a Tensor, a dict, or a tuple/list whose first element is one of those, got "
+        f"a batch must be a Tensor, a Mapping (dict, BatchEncoding), or a tuple/list whose first element is one of those, got "
         f"{type(inputs).__name__}; pass forward_fn=lambda model, batch: ... for other layouts"
     )
 
 
 def model_inputs(batch: Any) -> Any:
-    """The part of a batch the model sees (the rest of a tuple, e.g. labels, is ignored)."""
+    """The part of a batch the model sees (the rest of a tuple, e.g. labels, is ignored).
+
+    Any ``Mapping`` (a dict, a tokenizer's ``BatchEncoding``, a ``UserDict``) is a dict batch.
+    """
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise ImportanceError("a batch is an empty tuple/list")
@@ -53,9 +56,26 @@ def model_inputs(batch: Any) -> Any:
     return batch
 
 
+def plain(obj: Any) -> Any:
+    """``obj`` with every ``Mapping`` that pytree does not know (``BatchEncoding``, ``UserDict``) as a dict,
+    so that its tensors are leaves like a dict's."""
+    if isinstance(obj, Mapping) and type(obj) is not dict:
+        return {k: plain(v) for k, v in obj.items()}
+    if type(obj) in (tuple, list):
+        return type(obj)(plain(v) for v in obj)
+    if type(obj) is dict:
+        return {k: plain(v) for k, v in obj.items()}
+    return obj
+
+
+def batch_tensors(batch: Any) -> list[Tensor]:
+    """Every tensor of a batch (in any nesting of tuples, lists and mappings)."""
+    return tensor_leaves(plain(batch))
+
+
 def batch_size(batch: Any) -> int:
     """Number of samples: the leading dimension of the first tensor the model sees."""
-    leaves = tensor_leaves(model_inputs(batch))
+    leaves = batch_tensors(model_inputs(batch))
     if not leaves or leaves[0].dim() == 0:
         raise ImportanceError("a batch must hold a tensor with a leading batch dimension")
     return int(leaves[0].shape[0])
@@ -98,7 +118,7 @@ def sequence_length(batch: Any, mask: Tensor | None) -> int | None:
     """Positions per sample (T): the mask's second dimension, else that of the first input tensor."""
     if mask is not None:
         return int(mask.shape[1])
-    for t in tensor_leaves(model_inputs(batch)):
+    for t in batch_tensors(model_inputs(batch)):
         if t.dim() >= 2:
             return int(t.shape[1])
     return None
@@ -109,7 +129,7 @@ def check_batch(batch: Any, index: int, devices: set, float_dtypes: set) -> None
     ``float_dtypes`` are the model parameters')."""
     if not devices:
         return
-    for t in tensor_leaves(model_inputs(batch)):
+    for t in batch_tensors(model_inputs(batch)):
         if len(devices) == 1 and t.device not in devices:
             raise ImportanceError(
                 f"batch {index}: input tensor is on {t.device} but the model is on {next(iter(devices))}"
@@ -126,8 +146,44 @@ def check_batch(batch: Any, index: int, devices: set, float_dtypes: set) -> None
             )
 
 
+def _rebuilt(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to each tensor, containers rebuilt as their own types where possible."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        items = {k: _rebuilt(v, fn) for k, v in obj.items()}
+        if type(obj) is dict:
+            return items
+        try:  # BatchEncoding(dict), UserDict(dict), OrderedDict(dict)
+            return type(obj)(items)
+        except Exception:
+            return items
+    if type(obj) in (tuple, list):
+        return type(obj)(_rebuilt(v, fn) for v in obj)
+    leaves, spec = tree_flatten(obj)
+    if len(leaves) == 1 and leaves[0] is obj:
+        return obj
+    return tree_unflatten([_rebuilt(v, fn) for v in leaves], spec)
+
+
 def slice_batch(batch: Any, start: int, stop: int, n: int) -> Any:
     """Samples ``start:stop`` of a batch: every tensor whose leading dimension is the batch size is cut."""
-    leaves, spec = tree_flatten(batch)
-    cut = [t[start:stop] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t for t in leaves]
-    return tree_unflatten(cut, spec)
+    return _rebuilt(batch, lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == n else t)
+
+
+def select_samples(batch: Any, index: Tensor, n: int) -> Any:
+    """The samples ``index`` (a 1-D long tensor) of a batch: every tensor whose leading dimension is n is indexed."""
+    return _rebuilt(batch, lambda t: t.index_select(0, index.to(t.device)) if t.dim() > 0 and t.shape[0] == n else t)
+
+
+def unpadded(batch: Any, real: Tensor) -> Any:
+    """A one-sample batch cut to its real positions: every tensor laid out ``[1, T, ...]`` with T the mask's length
+    keeps the positions where ``real`` (bool ``[T]``) is true."""
+    positions = real.shape[0]
+    keep = real.nonzero().squeeze(1)
+    if keep.numel() == positions:
+        return batch
+    return _rebuilt(
+        batch,
+        lambda t: t.index_select(1, keep.to(t.device)) if t.dim() >= 2 and t.shape[0] == 1 and t.shape[1] == positions else t,
+    )

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ImportanceError
 from ..layers import _TapMixin
-from .layouts import FLAT, BatchDim, input_dims, is_sequence_first, output_dims
+from .layouts import FLAT, BatchDim, input_dims, is_sequence_first, output_dims, positional_first
 from .leaves import flat_leaves, tensor_leaves
 
 
@@ -141,6 +141,7 @@ class Capture:
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if id(module) not in self._wanted:
             return output
+        args, kwargs = positional_first(module, args, kwargs)
         expand = id(module) in self.expand
         clone_in, clone_out = (
             (id(module), "inputs") in self.clone_modules,

@@ -30,6 +30,7 @@ from ..ops.backend import resolve
 from .activations import resolve_activations
 from .batches import (
     batch_size,
+    batch_tensors,
     call_model,
     check_batch,
     default_output_fn,
@@ -231,7 +232,7 @@ class Estimator:
             probe = UsageProbe(self.model, self.params, n, self._positions, self.mode)
             grad = torch.enable_grad() if self.mode == "global" else torch.no_grad()
             with preserved_state(self.model), grad:
-                probe.watch(tensor_leaves(batch))  # everything the user passes, whatever forward_fn reads
+                probe.watch(batch_tensors(batch))  # everything the user passes, whatever forward_fn reads
                 with probe:
                     out = self.output_fn(self._call(batch))
                 check_output(out, n)
@@ -274,7 +275,7 @@ class Estimator:
             cap.track_writes, probe.before_write = True, cap.copy_on_write
         grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
         with grad_ctx:
-            probe.watch(tensor_leaves(batch))
+            probe.watch(batch_tensors(batch))
             with cap, probe:
                 out = self.output_fn(self._call(batch))
             check_output(out, n)

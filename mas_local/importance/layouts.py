@@ -72,6 +72,35 @@ def _default_dim(t: Any, n: int, seq_first: bool, flat_rows: int | None) -> Batc
     return dim
 
 
+_FIRST_PARAM: dict[type, str | None] = {}
+
+
+def _first_param(cls: type) -> str | None:
+    """The name of the first parameter of ``cls.forward`` after ``self`` (``None``: none, or ``*args``)."""
+    if cls not in _FIRST_PARAM:
+        name = None
+        try:
+            params = list(inspect.signature(cls.forward).parameters.values())[1:]
+            if params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+                name = params[0].name
+        except (TypeError, ValueError):
+            pass
+        _FIRST_PARAM[cls] = name
+    return _FIRST_PARAM[cls]
+
+
+def positional_first(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call made with its first argument as a keyword (``self.lin(input=x)``) as the positional call it
+    equals, so that rules find the input at ``args[0]`` (the probe and the capture both see calls this way)."""
+    if args or not kwargs:
+        return args, kwargs
+    name = _first_param(type(module))
+    if name is None or name not in kwargs:
+        return args, kwargs
+    rest = {k: v for k, v in kwargs.items() if k != name}
+    return (kwargs[name],), rest
+
+
 def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     sig = inspect.signature(type(module).forward)
     return dict(sig.bind(module, *args, **kwargs).arguments)

@@ -36,16 +36,37 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .layouts import input_dims, is_sequence_first, output_dims
+from .layouts import input_dims, is_sequence_first, output_dims, positional_first
 from .leaves import flat_leaves
 from .rules import GENERIC, Rule, rule_for
 
-# Functions that read a tensor's metadata or cut it from the graph: not a use of its values.
-_NOT_A_USE = frozenset(
-    "__get__ __set__ size dim numel stride is_contiguous detach data_ptr element_size nelement "
-    "is_floating_point get_device __len__ __hash__ storage_offset untyped_storage is_complex ndimension "
-    "__format__ __repr__ requires_grad_ __reduce_ex__ __deepcopy__".split()
+# Functions that read a tensor's metadata: neither a use of its values nor a tensor computed from it.
+_METADATA = frozenset(
+    "size dim numel stride is_contiguous data_ptr element_size nelement is_floating_point get_device __len__ "
+    "__hash__ storage_offset untyped_storage is_complex ndimension __format__ __repr__ requires_grad_ "
+    "__reduce_ex__ __deepcopy__ __set__".split()
 )
+# Functions whose result holds the same values without a gradient path: data for the batch, not a read.
+_DETACHING = frozenset({"detach", "detach_"})
+# Tensor properties (``x.T``, ``x.mT``, ``x.data``) reach ``__torch_function__`` as a descriptor's ``__get__``.
+_VIEW_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+_DATA_PROPERTIES = frozenset({"data"})
+
+
+_KINDS: dict[Any, str] = {}
+
+
+def _kind(func) -> str:
+    """``"metadata"``, ``"detaching"`` (values without gradient) or ``"op"`` (a use of the values)."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        prop = getattr(getattr(func, "__self__", None), "__name__", "")
+        if prop in _VIEW_PROPERTIES:
+            return "op"
+        return "detaching" if prop in _DATA_PROPERTIES else "metadata"
+    if name in _METADATA:
+        return "metadata"
+    return "detaching" if name in _DETACHING else "op"
 
 
 @dataclass
@@ -178,6 +199,8 @@ class UsageProbe(TorchFunctionMode):
         self.ineligible: set[int] = set()  # modules with a call that does not carry the batch
         # tensors computed from the batch's tensors: id -> weak reference (see _mark_from_batch)
         self.from_batch: dict[int, weakref.ref] = {}
+        # tensors computed from parameters alone: id -> (weak reference, parameter names)
+        self.aliases: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
         self.shared_leaves: dict[int, set[int]] = {}
         self._seq_first = 0
         self._handles: list = []
@@ -198,15 +221,27 @@ class UsageProbe(TorchFunctionMode):
 
         self.from_batch[key] = weakref.ref(t, forget)
 
+    def _mark_alias(self, t: Tensor, names: tuple[str, ...]) -> None:
+        key = id(t)
+
+        def forget(ref, key=key, table=self.aliases):
+            if table.get(key, (None,))[0] is ref:
+                del table[key]
+
+        self.aliases[key] = (weakref.ref(t, forget), names)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.before_write is not None:
             for t in written_tensors(func, args, kwargs):
                 self.before_write(t)
         out = func(*args, **kwargs)
-        if getattr(func, "__name__", "") in _NOT_A_USE:
+        kind = _KINDS.get(func)
+        if kind is None:
+            kind = _KINDS[func] = _kind(func)
+        if kind == "metadata":
             return out
-        from_batch, names = self.from_batch, self.names
+        from_batch, names, aliases = self.from_batch, self.names, self.aliases
         derived, hits = False, None
         for t in flat_leaves((args, kwargs)):
             if isinstance(t, Tensor):
@@ -216,19 +251,30 @@ class UsageProbe(TorchFunctionMode):
                 name = names.get(key)
                 if name is not None:
                     hits = [name] if hits is None else hits + [name]
+                alias = aliases.get(key)
+                if alias is not None:
+                    hits = list(alias[1]) if hits is None else hits + list(alias[1])
         if not derived and hits is None:
             return out
         outs = [t for t in flat_leaves(out) if isinstance(t, Tensor)]
         if derived:
             for t in outs:
                 self._mark_from_batch(t)
-        if hits is not None and (not torch.is_grad_enabled() or any(t.requires_grad for t in outs)):
+        if hits is None or kind == "detaching":
+            return out
+        if not derived:  # computed from parameters alone (w.T, w.float(), a parametrization): its use reads them
+            carried = tuple(dict.fromkeys(hits))
+            for t in outs:
+                if t.is_floating_point() or t.is_complex():
+                    self._mark_alias(t, carried)
+        if not torch.is_grad_enabled() or any(t.requires_grad for t in outs):
             frames = tuple(self.stack)
             for name in hits:
                 self.reads[name].append(frames)
         return out
 
     def _push(self, module, args, kwargs):
+        args, kwargs = positional_first(module, args, kwargs)
         dims = input_dims(module, args, kwargs, self.n, self._seq_first > 0, self.flat_rows)
         for i, t in enumerate(flat_leaves((args, kwargs))):
             if isinstance(dims[i], int) and id(t) not in self.from_batch and not _same_along(t, dims[i]):
@@ -250,9 +296,12 @@ class UsageProbe(TorchFunctionMode):
         if is_sequence_first(module):
             self._seq_first -= 1
         unbatched = self._unbatched_stack.pop() if self._unbatched_stack else True
+        outs = [t for t in flat_leaves(output) if isinstance(t, Tensor)]
+        if self.aliases:  # a module's output is an activation: using it is not a read of the module's parameters
+            for t in outs:
+                self.aliases.pop(id(t), None)
         if self.mode != "global":
             return
-        outs = [t for t in flat_leaves(output) if isinstance(t, Tensor)]
         if unbatched:
             needs_grad = [t for t in outs if t.requires_grad and t.is_floating_point()]
             if needs_grad and all(t.dim() >= 1 and t.shape[0] == 1 for t in needs_grad):
@@ -279,12 +328,16 @@ class UsageProbe(TorchFunctionMode):
     def __enter__(self) -> Any:
         for m in self.model.modules():
             self._handles.append(m.register_forward_pre_hook(self._push, with_kwargs=True))
-            self._handles.append(m.register_forward_hook(self._pop, with_kwargs=True, always_call=True))
+            # first among the forward hooks: a read in a user's hook happens outside the module's own forward
+            self._handles.append(
+                m.register_forward_hook(self._pop, with_kwargs=True, always_call=True, prepend=True)
+            )
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
         self.from_batch.clear()
+        self.aliases.clear()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -302,18 +355,24 @@ class UsageProbe(TorchFunctionMode):
                 continue
             inner = [s[-1] if s else None for s in stacks]
             registered = all(m is not None and _local_name(m, p) is not None for m in inner)
-            if registered and (self.mode == "local" or not any(id(m) in self.ineligible for m in inner)):
+            # a read in a module that is itself inside another reading module (an alias on a parent read by the
+            # parent and by its child): a rule at the outer one would count the inner read again
+            inner_ids = {id(m) for m in inner}
+            nested = any(id(f) in inner_ids for s in stacks for f in s[:-1])
+            eligible = self.mode == "local" or not any(id(m) in self.ineligible for m in inner)
+            if registered and eligible and not nested:
                 _assign_to_registrants(plan, list({id(m): m for m in inner}.values()), p)
                 continue
-            site = self._enclosing(stacks)
+            site = self._enclosing(stacks, p)
             if site is None:
                 plan.unreachable[name] = "read outside every module call that carries the batch"
                 continue
             plan.assign(site, GENERIC, _relative_name(site, p), p)
         return plan
 
-    def _enclosing(self, stacks: list[tuple[nn.Module, ...]]) -> nn.Module | None:
-        """The deepest module on every stack whose calls all carry the batch (local mode: have a batched input)."""
+    def _enclosing(self, stacks: list[tuple[nn.Module, ...]], p: Tensor) -> nn.Module | None:
+        """The deepest module on every stack that holds ``p`` among its parameters and whose calls all carry the
+        batch (local mode: have a batched input)."""
         common: list[nn.Module] = []
         for frames in zip(*stacks):
             if all(f is frames[0] for f in frames):
@@ -322,6 +381,6 @@ class UsageProbe(TorchFunctionMode):
                 break
         excluded = self.ineligible if self.mode == "global" else self.unbatched_calls
         for m in reversed(common):
-            if id(m) not in excluded:
+            if id(m) not in excluded and _relative_name(m, p) is not None:
                 return m
         return None
