@@ -39,8 +39,8 @@ def call_model(model: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, An
     if isinstance(inputs, Tensor):
         return model(inputs)
     raise ImportanceError(
-        f"a batch must be a Tensor, a Mapping (dict, BatchEncoding), or a tuple/list whose first element is one of those, got "
-        f"{type(inputs).__name__}; pass forward_fn=lambda model, batch: ... for other layouts"
+        "a batch must be a Tensor, a Mapping (dict, BatchEncoding), or a tuple/list whose first element is one "
+        f"of those, got {type(inputs).__name__}; pass forward_fn=lambda model, batch: ... for other layouts"
     )
 
 
@@ -183,7 +183,8 @@ def unpadded(batch: Any, real: Tensor) -> Any:
     keep = real.nonzero().squeeze(1)
     if keep.numel() == positions:
         return batch
-    return _rebuilt(
-        batch,
-        lambda t: t.index_select(1, keep.to(t.device)) if t.dim() >= 2 and t.shape[0] == 1 and t.shape[1] == positions else t,
-    )
+
+    def cut(t: Tensor) -> Tensor:
+        return t.index_select(1, keep.to(t.device)) if t.dim() >= 2 and t.shape[:2] == (1, positions) else t
+
+    return _rebuilt(batch, cut)

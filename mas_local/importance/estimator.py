@@ -47,7 +47,6 @@ from .guards import (
     preserved_state,
 )
 from .layouts import is_sequence_first
-from .leaves import tensor_leaves
 from .masks import masked_squared_norm
 from .plan import Plan, UsageProbe, registration_plan
 from .reduction import reduce_sites

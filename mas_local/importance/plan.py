@@ -329,9 +329,7 @@ class UsageProbe(TorchFunctionMode):
         for m in self.model.modules():
             self._handles.append(m.register_forward_pre_hook(self._push, with_kwargs=True))
             # first among the forward hooks: a read in a user's hook happens outside the module's own forward
-            self._handles.append(
-                m.register_forward_hook(self._pop, with_kwargs=True, always_call=True, prepend=True)
-            )
+            self._handles.append(m.register_forward_hook(self._pop, with_kwargs=True, always_call=True, prepend=True))
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
