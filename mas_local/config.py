@@ -46,6 +46,8 @@ class ImportanceConfig:
         their statistics add up over any split, so Ω is the same and activation memory is bounded).
     eval_mode: run the pass in ``eval()`` and restore each module's mode afterwards.
     progress: show a tqdm bar (hidden off a terminal).
+    verify: the self-check (``docs/math.md``): ``"first"`` (default) on the first batch of each batch
+        signature, ``"every"`` batch, or ``"off"`` (``True``/``False`` mean ``"first"``/``"off"``).
     sync / process_group: data-parallel passes (see ``docs/distributed.md``).
     """
 
@@ -61,6 +63,7 @@ class ImportanceConfig:
     micro_batch: int | None = None
     eval_mode: bool = True
     progress: bool = True
+    verify: str | bool = "first"
     sync: bool | None = None
     process_group: Any = None
 
@@ -100,6 +103,14 @@ class ImportanceConfig:
                 raise ValueError(f"micro_batch must be a positive int or None, got {self.micro_batch!r}")
             if estimator == "batch":
                 raise ValueError("micro_batch does not apply to estimator='batch': |g_B| is taken over the whole batch")
+        verify = (
+            {True: "first", False: "off"}.get(self.verify, self.verify)
+            if isinstance(self.verify, bool)
+            else self.verify
+        )
+        if verify not in ("first", "every", "off"):
+            raise ValueError(f"verify must be 'first', 'every', 'off', True or False, got {self.verify!r}")
+        object.__setattr__(self, "verify", verify)
         if self.sync not in (None, True, False):
             raise ValueError(f"sync must be None, True or False, got {self.sync!r}")
 

@@ -68,6 +68,7 @@ class MAS:
     ``activation`` (local mode): judge Linear/Conv layers by ``act(y)`` rather than
     their pre-activation ``y``; one callable, or ``{module name or glob: callable}``.
     ``precision`` (``"accurate"``/``"exact"``/``"fast"``) is the abs-GEMM operand precision on GPUs.
+    ``verify`` is the self-check of :func:`compute_importance` (``"first"``, ``"every"`` or ``"off"``).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class MAS:
         activation: Activation = None,
         precision: str = "accurate",
         micro_batch: int | None = None,
+        verify: str | bool = "first",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -105,6 +107,7 @@ class MAS:
             activation=activation,
             precision=precision,
             micro_batch=micro_batch,
+            verify=verify,
             progress=progress,
             sync=sync,
             process_group=process_group,

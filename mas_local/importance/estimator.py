@@ -37,6 +37,7 @@ from .batches import (
     position_mask,
     sequence_length,
     slice_batch,
+    unpadded,
 )
 from .capture import Capture, Site
 from .deltas import global_deltas, local_deltas
@@ -50,9 +51,15 @@ from .layouts import is_sequence_first
 from .masks import masked_squared_norm
 from .plan import Plan, UsageProbe, registration_plan
 from .reduction import reduce_sites
+from .signature import batch_signature, read_counts
 from .statistics import Statistics
+from .verify import VerificationFailed, verify_batch
 
 log = logging.getLogger("mas_local")
+
+
+class _Replan(Exception):
+    """Internal: a batch reads the parameters elsewhere than the batch its plan was made on (global mode)."""
 
 
 class Estimator:
@@ -111,7 +118,15 @@ class Estimator:
         self.names = {id(p): name for name, p in self.params.items()}
         self.sharded = any(is_dtensor(p) for p in self.params.values())
         self.stats = self.make_statistics()
-        self.plan: Plan | None = None
+        self.plan: Plan | None = None  # the plan of the current batch's signature
+        self._plans: dict[tuple, Plan] = {}  # batch signature -> plan (docs/math.md, "Which rows belong to ...")
+        self._read_counts: dict[tuple, dict[int, int]] = {}  # global: graph reads of each parameter per plan
+        self._verified: set[tuple] = set()  # signatures (with the calls' layouts) whose first batch was checked
+        self._alone: set[tuple] = set()  # signatures whose samples are run one by one (the check failed)
+        self._signature: tuple | None = None
+        self._replanned = False
+        self.verify_generator = torch.Generator().manual_seed(0)
+        self.module_names = {id(m): name or "<model>" for name, m in model.named_modules(remove_duplicate=False)}
         self.batch_samples = 0
         self._mask: Tensor | None = None
         self._positions: int | None = None
@@ -217,12 +232,72 @@ class Estimator:
         self._positions = sequence_length(batch, self._mask)
         if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
             self._global_batch(batch, n)
-        elif self.plan is None and not self.sharded and not self._any_training:
+            return
+        key = self._signature = batch_signature(batch, n, self._positions)
+        if key in self._alone:
+            self._update_alone(batch, n)
+            return
+        try:
+            self._update_planned(batch, n, key)
+        except _Replan:  # global: this batch reads parameters where the plan's batch did not
+            self._plans.pop(key, None)
+            self._update_planned(batch, n, key, replanned=True)
+        except VerificationFailed as failed:
+            if n == 1:
+                raise self._refusal(failed) from None
+            self._alone.add(key)
+            self.notice_once(
+                ("alone", key),
+                "the self-check found per-sample gradients that do not add up for %s; batches of this shape are "
+                "computed one sample at a time (exact, slower)",
+                ", ".join(failed.mismatches),
+            )
+            self._update_alone(batch, n)
+
+    def _update_planned(self, batch: Any, n: int, key: tuple, replanned: bool = False) -> None:
+        self._replanned = replanned
+        self.plan = self._plans.get(key)
+        if self.plan is None and not self.sharded and not self._any_training:
             self._first_batch(batch, n)
         else:
             if self.plan is None:
                 self.plan = self._make_plan(batch, n)
             self._update_through_sites(batch, n)
+        self._plans[key] = self.plan
+
+    def _update_alone(self, batch: Any, n: int) -> None:
+        """Each sample alone, cut to its real positions: every row of every call is that sample's."""
+        mask = self._mask
+        for k in range(n):
+            piece = slice_batch(batch, k, k + 1, n)
+            if mask is not None:
+                piece = unpadded(piece, mask[k].cpu())
+            self._update_one(piece, 1)
+        self.batch_samples = n
+
+    def _refusal(self, failed: VerificationFailed) -> ImportanceError:
+        lines = [
+            f"{name} (computed at '{path}', relative error {err:.2g})"
+            for name, (err, path) in failed.mismatches.items()
+        ]
+        other = "mode='global', estimator='batch'" if self.mode == "global" else "mode='local', estimator='batch'"
+        what = "output norm" if self.mode == "global" else "module outputs"
+        return ImportanceError(
+            "the self-check failed: per-sample gradients summed over a subset of the samples do not equal "
+            f"autograd's gradient of that subset's {what}, even with each sample run alone, for: "
+            + "; ".join(lines)
+            + ". The model may mix the samples of a batch (or depend on the batch size); use "
+            f"{other}, which needs no per-sample split, or freeze these parameters (requires_grad=False)"
+        )
+
+    def site_path_of(self, pid: int) -> str:
+        """The module path(s) where the parameter with this id is computed in the current plan."""
+        paths = [
+            self.module_names.get(mid, type(sp.module).__name__)
+            for mid, sp in self.plan.sites.items()
+            if any(id(p) == pid for _, params in sp.groups for p in params.values())
+        ]
+        return ", ".join(paths) or "?"
 
     def _make_plan(self, batch: Any, n: int) -> Plan:
         if self.sharded:  # FSDP2 swaps parameter objects during the forward: plan by registration
@@ -302,7 +377,7 @@ class Estimator:
             for i in plan.shared_leaves.get(id(s.module), ()):
                 if i < len(s.in_dims):
                     s.in_dims[i] = None
-        self._reduce_captured(out, sites)
+        self._reduce_captured(out, sites, batch)
 
     def _on_site(self, site: Site) -> None:
         if not self.sharded:
@@ -367,13 +442,22 @@ class Estimator:
                         "capturing copies of it for the rest of the pass",
                     )
                     continue
-            self._reduce_captured(out, sites)
+            self._reduce_captured(out, sites, batch)
             return
         raise ImportanceError("captured tensors changed in place even on copies")
 
-    def _reduce_captured(self, out: Tensor, sites: list[Site]) -> None:
+    def _reduce_captured(self, out: Tensor, sites: list[Site], batch: Any = None) -> None:
         """Δ of the captured calls, checks, and the statistics of one batch."""
         grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
+        key = self._signature
+        if self.mode == "global" and key is not None and not self.sharded:
+            counts = read_counts(out)
+            planned = self._read_counts.setdefault(key, counts)
+            if counts != planned:
+                self._read_counts.pop(key)
+                if self._replanned:
+                    raise ImportanceError("the parameters' reads change between two runs of the same batch")
+                raise _Replan
         with grad_ctx:
             if self.mode == "local":
                 self._local_deltas(sites)
@@ -382,6 +466,11 @@ class Estimator:
                     rule.check(self, s, self._needs_samples(rule, s))
             if self.mode == "global":
                 self._global_deltas(out, sites)
+        if batch is not None and self.config.verify != "off" and self.estimator != "batch" and not self.sharded:
+            layouts = (key, tuple((id(s.module), tuple(s.in_dims), tuple(s.out_dims)) for s in sites))
+            if self.config.verify == "every" or layouts not in self._verified:
+                verify_batch(self, batch, sites, self.batch_samples, self._mask)
+                self._verified.add(layouts)
         # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
         # no autograd history for the statistics (the generic rule's torch.func transforms ignore no_grad)
         with torch.autocast(self._device_type, enabled=False), torch.no_grad():

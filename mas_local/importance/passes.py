@@ -97,6 +97,7 @@ def compute_importance(
     activation: Activation = None,
     precision: str = "accurate",
     micro_batch: int | None = None,
+    verify: str | bool = "first",
 ) -> dict[str, Tensor]:
     """Estimate MAS importance Ω for every trainable parameter of ``model``.
 
@@ -134,6 +135,10 @@ def compute_importance(
         micro_batch: run each batch in pieces of at most this many samples; Ω is unchanged (per-sample
             statistics add up over any split) and activation memory is bounded. ``sample`` and
             ``hebbian`` only.
+        verify: the self-check (``docs/math.md``, "The self-check"): the per-sample gradients summed over a
+            random subset of the samples must equal autograd's gradient of that subset's loss. ``"first"``
+            (default): on the first batch of each batch signature; ``"every"``: every batch; ``"off"``.
+            A batch that fails is computed one sample at a time; if that fails too, the pass raises.
 
     Returns:
         ``{parameter name: Ω}``, float32, detached, on each parameter's device. Parameters
@@ -151,6 +156,7 @@ def compute_importance(
         activation=activation,
         precision=precision,
         micro_batch=micro_batch,
+        verify=verify,
         eval_mode=eval_mode,
         progress=progress,
         sync=sync,

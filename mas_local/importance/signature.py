@@ -1,0 +1,57 @@
+"""What a plan depends on: the batch signature, and (global mode) where the graph reads each parameter.
+
+A plan (which module call computes which parameter, and where each call's samples are) is made
+on the first batch of each *signature* — batch size, positions per sample, and the structure of the
+batch (keys, nesting, each tensor's shape and dtype, every plain value such as a flag) — and made
+again whenever the signature changes, so no size seen on one batch is taken for a fact about another.
+In global mode the autograd graph of each batch also tells how many times each parameter is read;
+a batch whose reads differ from its plan's batch (a branch taken only on some batches) is planned anew.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from .batches import plain
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def batch_signature(batch: Any, n: int, positions: int | None) -> tuple:
+    """A hashable description of everything about a batch that can change the plan, but not its values."""
+    leaves, spec = tree_flatten(plain(batch))
+    parts = []
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            parts.append((tuple(leaf.shape), leaf.dtype, leaf.device))
+        elif isinstance(leaf, _PLAIN):
+            parts.append((type(leaf).__name__, leaf))
+        else:
+            parts.append(type(leaf).__name__)
+    return (n, positions, str(spec), tuple(parts))
+
+
+def read_counts(out: Tensor) -> dict[int, int]:
+    """How many graph edges reach each leaf tensor that needs a gradient (by id), from ``out`` back."""
+    counts: dict[int, int] = {}
+    fn = out.grad_fn
+    if fn is None:
+        return counts
+    seen = {fn}
+    stack = [fn]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:  # AccumulateGrad: a read of a leaf (a parameter)
+                counts[id(variable)] = counts.get(id(variable), 0) + 1
+                continue
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return counts

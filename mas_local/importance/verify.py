@@ -1,0 +1,217 @@
+"""The self-check (``docs/math.md``, "The self-check"): per-sample gradients must add up over a subset.
+
+On the first batch of each batch signature (``verify="first"``, the default), or on every batch
+(``"every"``), the per-sample gradients the rules compute for one batch — before ``|·|`` — are summed
+over a random subset S of its samples and compared with an independent computation of the same sum:
+
+- global ``sample``: ``autograd.grad`` of ``Σ_{k∈S}‖f(x_k)‖²``, the model run on the samples of S only;
+- local ``sample`` (and, under ``hebbian``, the parameters that use the ``sample`` statistic): for each
+  sample of S run alone, the module-local gradient of ``½‖y‖²`` of every call of the module where the
+  parameter is computed (the module re-run with the parameter as the only input that needs a gradient).
+
+Samples that carry padding are run alone and cut to their real positions, so the check also holds the
+engine to "padding changes nothing". A row given to the wrong sample, or counted twice, breaks the identity
+for almost every subset; so a mismatch is never turned into a number: the pass either recomputes the
+batch another way (each sample alone) or raises, naming the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..distributed.fsdp import without_fsdp_hooks
+from .batches import call_model, position_mask, select_samples, slice_batch, unpadded
+from .capture import Capture
+from .guards import preserved_state
+from .leaves import tensor_leaves
+from .masks import masked_squared_norm
+
+VERIFY_CHOICES = ("first", "every", "off")
+FLOOR = 1e-4  # relative to the largest sum of any parameter (see compare)
+MAX_ALONE = 4  # samples run alone (padded batches, local mode): the check's cost stays a fraction of a batch
+
+
+class VerificationFailed(Exception):
+    """Internal: the identity failed for ``mismatches`` ({parameter name: (relative error, module path)})."""
+
+    def __init__(self, mismatches: dict[str, tuple[float, str]]) -> None:
+        super().__init__(", ".join(f"{k} ({v[0]:.2g})" for k, v in mismatches.items()))
+        self.mismatches = mismatches
+
+
+def tolerance(dtypes: set[torch.dtype]) -> float:
+    """Relative tolerance of the identity: the rules work in float32 whatever the model's dtype."""
+    if dtypes & {torch.float16, torch.bfloat16}:
+        return 3e-2
+    return 2e-4
+
+
+def choose_subset(n: int, padded: bool, alone: bool, generator: torch.Generator) -> Tensor:
+    """Indices of a random subset S: about half the samples (both S and its complement non-empty when n > 1),
+    at most ``MAX_ALONE`` when the samples are run one by one."""
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long)
+    size = max(1, n // 2)
+    if padded or alone:
+        size = min(size, MAX_ALONE)
+    return torch.randperm(n, generator=generator)[:size].sort().values
+
+
+def _checked(est: Any, rule: Any) -> bool:
+    return not (est.estimator == "hebbian" and rule.hebbian)
+
+
+def engine_subset_sums(est: Any, sites: list, members: Tensor) -> dict[int, Tensor]:
+    """Σ_{k∈S} g_k per parameter (by id), signed, from the rules' per-sample gradients summed over calls."""
+    n = est.batch_samples
+    weights = torch.zeros(n, dtype=torch.float32)
+    weights[members] = 1.0
+    size = float(members.numel())
+    totals: dict[int, Tensor] = {}
+
+    def add(p: Tensor, g: Tensor) -> None:
+        totals[id(p)] = g if id(p) not in totals else totals[id(p)] + g
+
+    for s in sites:
+        if not any(d is not None for d in s.deltas):
+            continue
+        for rule, params in est.plan.sites[id(s.module)].groups:
+            if not _checked(est, rule):
+                continue
+            if est.mode == "local" and not s.batched:  # shared by the batch: every sample's gradient
+                for name, g in rule.batch_grads(est, s, params).items():
+                    add(params[name], g.float() * size)
+                continue
+            numel = sum(p.numel() for p in params.values())
+            for rows in est.chunks(n, bytes_per_sample=8 * max(1, numel)):
+                w = weights[rows]
+                if not bool(w.any()):
+                    continue
+                for name, g in rule.per_sample_grads(est, s, params, rows).items():
+                    w_k = w.to(g.device).view(-1, *([1] * (g.dim() - 1)))
+                    add(params[name], (g.float() * w_k).sum(0))
+    return totals
+
+
+def _pieces(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | None, alone: bool) -> list[tuple[Any, int]]:
+    """The samples of S as batches: each alone (cut to its real positions) or all together."""
+    if not alone:
+        return [(select_samples(batch, members, n), int(members.numel()))]
+    pieces = []
+    for k in members.tolist():
+        piece = slice_batch(batch, k, k + 1, n)
+        if mask is not None:
+            piece = unpadded(piece, mask[k].cpu())
+        pieces.append((piece, 1))
+    return pieces
+
+
+def oracle_global(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | None) -> dict[int, Tensor]:
+    """``autograd.grad`` of Σ_{k∈S}‖f(x_k)‖² over real positions, the model run on S's samples only."""
+    padded = mask is not None and not bool(mask.all())
+    params = list(est.params.values())
+    totals: dict[int, Tensor] = {}
+    with preserved_state(est.model), torch.enable_grad():
+        for piece, k in _pieces(est, batch, members, n, mask, alone=padded):
+            out = est.output_fn(call_model(est.model, piece, est.config.forward_fn))
+            piece_mask = None if padded else position_mask(est.config.mask, piece, k)
+            loss = masked_squared_norm(out, piece_mask)
+            if not loss.requires_grad:
+                continue
+            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+                if g is not None:
+                    totals[id(p)] = g.float() if id(p) not in totals else totals[id(p)] + g.float()
+    return totals
+
+
+def oracle_local(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | None) -> dict[int, Tensor]:
+    """For each sample of S alone: the module-local gradient of ½‖y‖² at every call where a parameter is
+    computed (``act(y)`` for layers judged through an activation)."""
+    totals: dict[int, Tensor] = {}
+    plan = est.plan
+    for piece, k in _pieces(est, batch, members, n, mask, alone=True):
+        # every captured tensor is a copy: the model may change its inputs and outputs in place afterwards
+        copies = {(id(m), part) for m in plan.modules for part in ("inputs", "outputs")}
+        cap = Capture(est.model, plan.modules, k, clone_modules=copies, layout_modules=est._layout_modules)
+        with preserved_state(est.model), torch.no_grad(), cap:
+            call_model(est.model, piece, est.config.forward_fn)
+        for s in cap.sites:
+            for rule, params in plan.sites[id(s.module)].groups:
+                if not _checked(est, rule):
+                    continue
+                values = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+                module, call_values = without_fsdp_hooks(s.module, values)
+                with torch.enable_grad():
+                    outs = tensor_leaves(torch.func.functional_call(module, call_values, s.args, s.kwargs))
+                    if not outs or not outs[0].is_floating_point():
+                        continue
+                    y = outs[0]
+                    act = est.activation_of.get(id(s.module))
+                    judged = act(y) if act is not None else y
+                    loss = 0.5 * judged.float().pow(2).sum()
+                    if not loss.requires_grad:
+                        continue
+                    grads = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
+                for p, g in zip(params.values(), grads):
+                    if g is not None:
+                        totals[id(p)] = g.float() if id(p) not in totals else totals[id(p)] + g.float()
+    return totals
+
+
+def compare(
+    est: Any, engine: dict[int, Tensor], oracle: dict[int, Tensor], checked: set[int], low: bool = False
+) -> None:
+    """Raise :class:`VerificationFailed` for each checked parameter whose sums differ beyond the tolerance
+    (``low``: the forward ran under autocast, with 16-bit activations)."""
+    tol = tolerance(est._param_dtypes | ({torch.bfloat16} if low else set()))
+    scales = {}
+    for pid in checked:
+        a, b = engine.get(pid), oracle.get(pid)
+        scales[pid] = max(float(t.abs().max()) if t is not None and t.numel() else 0.0 for t in (a, b))
+    # a parameter whose sums are tiny next to the model's largest (a bias a norm cancels) is judged against
+    # that largest one: float32 cancellation leaves noise there, and an error below it cannot move Ω visibly
+    floor = FLOOR * max(scales.values(), default=0.0)
+    bad: dict[str, tuple[float, str]] = {}
+    for pid in checked:
+        scale = max(scales[pid], floor)
+        if scale == 0.0:
+            continue
+        a, b = engine.get(pid), oracle.get(pid)
+        p = est.params[est.names[pid]]
+        a = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if a is None else a
+        b = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if b is None else b
+        if not (math.isfinite(scale) and bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            continue  # not finite: the pass's finiteness checks name it
+        err = float((a - b.to(a.device)).abs().max()) / scale
+        if not err <= tol:
+            bad[est.names[pid]] = (err, est.site_path_of(pid))
+    if bad:
+        raise VerificationFailed(bad)
+
+
+def verify_batch(est: Any, batch: Any, sites: list, n: int, mask: Tensor | None) -> None:
+    """Check the identity on this batch's captured calls (after Δ, before the statistics); raise on mismatch."""
+    padded = mask is not None and not bool(mask.all())
+    members = choose_subset(n, padded, est.mode == "local", est.verify_generator)
+    checked = {
+        id(p)
+        for s in sites
+        for rule, params in est.plan.sites[id(s.module)].groups
+        if _checked(est, rule)
+        for p in params.values()
+    }
+    if not checked:
+        return
+    device_type = est._device_type
+    low = torch.is_autocast_enabled(device_type)  # the forward ran with 16-bit activations: so does the oracle
+    with torch.autocast(device_type, enabled=False), torch.no_grad():
+        engine = engine_subset_sums(est, sites, members)
+    if est.mode == "global":
+        oracle = oracle_global(est, batch, members, n, mask)
+    else:
+        oracle = oracle_local(est, batch, members, n, mask)
+    compare(est, engine, oracle, checked, low)
