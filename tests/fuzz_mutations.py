@@ -57,7 +57,7 @@ def outcomes(report: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=int(os.environ.get("MAS_FUZZ_N", "40")))
+    ap.add_argument("--n", type=int, default=int(os.environ.get("MAS_FUZZ_N", "60")))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
