@@ -536,7 +536,9 @@ class Conv1dMT(Block):
         modes += ["reflect"] if pad < info["t_min"] else []
         groups = r.choice([g for g in (1, c) if c % g == 0])
         self.pm = r.choice(modes)
-        self.conv = nn.Conv1d(c, c, k, padding=pad, dilation=d, groups=groups, padding_mode=self.pm, bias=r.random() < 0.8)
+        self.conv = nn.Conv1d(
+            c, c, k, padding=pad, dilation=d, groups=groups, padding_mode=self.pm, bias=r.random() < 0.8
+        )
 
     def forward(self, h):
         return h + torch.tanh(self.conv(h.mT)).mT
@@ -579,7 +581,9 @@ class Conv2d_(Block):
         groups = r.choice([g for g in (1, c) if c % g == 0])
         padding = "same" if (r.random() < 0.2 and k > 1) else pad
         self.name = f"conv2d-{self.pm}"
-        self.conv = nn.Conv2d(c, c, k, padding=padding, dilation=d, groups=groups, padding_mode=self.pm, bias=r.random() < 0.8)
+        self.conv = nn.Conv2d(
+            c, c, k, padding=padding, dilation=d, groups=groups, padding_mode=self.pm, bias=r.random() < 0.8
+        )
 
     def forward(self, h):
         return h + torch.tanh(self.conv(h))
@@ -737,7 +741,10 @@ class Case:
         return {n: model.get_submodule(p) for n, p in self.judge.items()}
 
     def describe(self) -> str:
-        return f"seed={self.seed} family={self.family} blocks={self.patterns} extras={self.extras} chunk_bytes={self.chunk_bytes}"
+        return (
+            f"seed={self.seed} family={self.family} blocks={self.patterns} extras={self.extras} "
+            f"chunk_bytes={self.chunk_bytes}"
+        )
 
 
 def _pick_blocks(r, family, first, info):
@@ -828,7 +835,10 @@ def build_case(seed: int) -> Case:
                 ids[k, n:] = 0  # the pad token
             data.append({"input_ids": ids, "attention_mask": mask})
             singles.append(
-                [{"input_ids": ids[k : k + 1, :n], "attention_mask": mask[k : k + 1, :n]} for k, n in enumerate(lengths)]
+                [
+                    {"input_ids": ids[k : k + 1, :n], "attention_mask": mask[k : k + 1, :n]}
+                    for k, n in enumerate(lengths)
+                ]
             )
             continue
         if family == "img":
@@ -845,7 +855,10 @@ def build_case(seed: int) -> Case:
             batch = x
         data.append(batch)
         singles.append(
-            [{k: v[j : j + 1] for k, v in batch.items()} if isinstance(batch, dict) else batch[j : j + 1] for j in range(b)]
+            [
+                {k: v[j : j + 1] for k, v in batch.items()} if isinstance(batch, dict) else batch[j : j + 1]
+                for j in range(b)
+            ]
         )
     if moe:
         extras.append("dict-batch-with-routes")
@@ -861,7 +874,7 @@ def _routes(r, b, t, first_batch):
     n_tok = b * (t or 1)
     if first_batch:
         r1 = []
-        for k in range(b):
+        for _k in range(b):
             for j in range(t or 1):
                 r1.append(0 if j == 0 else 3)
         if t and t > 1:

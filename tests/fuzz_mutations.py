@@ -80,7 +80,9 @@ def main() -> int:
             libs = {r["lib"] for r in got.values()}
             assert libs == {str(pkg / "mas_local")}, f"the fuzz run did not import the mutant: {libs}"
             newly = [
-                r for k, r in got.items() if base.get(k, {}).get("outcome") == "exact" and r["outcome"] in ("wrong", "crash")
+                r
+                for k, r in got.items()
+                if base.get(k, {}).get("outcome") == "exact" and r["outcome"] in ("wrong", "crash")
             ]
             killed = bool(newly)
             killed_all &= killed

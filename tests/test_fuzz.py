@@ -102,8 +102,12 @@ def run_one(case, mode, estimator, converted, want):
         return rec
     except Exception as exc:  # noqa: BLE001 - classified
         tb = traceback.extract_tb(exc.__traceback__)
-        where = next((f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(tb) if "mas_local" in f.filename), "")
-        rec.update(outcome="crash", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} [{where}]")
+        where = next(
+            (f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(tb) if "mas_local" in f.filename), ""
+        )
+        rec.update(
+            outcome="crash", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} [{where}]"
+        )
         rec["blame"] = []
         return rec
     bad = compare(got, want)
@@ -133,7 +137,8 @@ def _hint(rec):
 def _line(rec):
     return (
         f"seed={rec['seed']} {rec['run']}{' converted' if rec['converted'] else ''} {rec['outcome'].upper()} "
-        f"family={rec['family']} blocks={rec['patterns']} blame={rec['blame']}: {rec.get('error', '')}\n    {_hint(rec)}"
+        f"family={rec['family']} blocks={rec['patterns']} blame={rec['blame']}: {rec.get('error', '')}"
+        f"\n    {_hint(rec)}"
     )
 
 
@@ -185,7 +190,6 @@ def test_fuzz_summary(capsys):
     with capsys.disabled():
         print("\n" + summary(RESULTS))
     assert len(RESULTS) >= min(200, 8 * N)
-
 
 
 # ----------------------------------------------------------------------------- the fuzzer's own checks

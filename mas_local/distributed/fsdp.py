@@ -122,15 +122,15 @@ class _Bare(nn.Module):
 def without_fsdp_hooks(module: nn.Module, params: dict[str, Tensor]) -> tuple[nn.Module, dict[str, Tensor]]:
     """For re-running a module functionally: the module and parameter names to pass to functional_call.
 
-    A module with hooks of its own (FSDP2's re-gather and swap parameters; a user's forward hook changes the
-    output after the module's own forward, and a pre-hook has already changed the captured arguments) is
-    re-run through its ``forward`` alone; its children keep their hooks, which are part of that forward.
+    A module with pre-hooks (FSDP2's re-gather and swap parameters; a user's pre-hook has already changed the
+    captured arguments) is re-run through its ``forward`` alone; its children keep their hooks, which are part
+    of that forward. A module's forward hooks are kept: the capture records what they return.
     """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
         FSDPModule = ()
-    hooked = module._forward_hooks or module._forward_pre_hooks or isinstance(module, FSDPModule)
+    hooked = module._forward_pre_hooks or isinstance(module, FSDPModule)
     if not hooked:
         return module, params
     return _Bare(module), {f"inner.{k}": v for k, v in params.items()}

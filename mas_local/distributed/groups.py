@@ -94,7 +94,10 @@ def sync_statistics(stats, group: Any, bucket_bytes: int = SYNC_BUCKET_BYTES) ->
             bucket, size = ([name], 4 * stats.sums[name].numel()) if name is not None else ([], 0)
     device = shard_of(stats.params[names[0]]).device
     meta = torch.tensor(
-        [stats.counts[k] for k in names] + [int(k in stats.seen) for k in names] + [stats.samples, stats.batches],
+        [stats.counts[k] for k in names]
+        + [int(k in stats.seen) for k in names]
+        + [int(k in stats.sampled) for k in names]
+        + [stats.samples, stats.batches],
         dtype=torch.int64,
         device=device,
     )
@@ -103,4 +106,5 @@ def sync_statistics(stats, group: Any, bucket_bytes: int = SYNC_BUCKET_BYTES) ->
     count = len(names)
     stats.counts = {k: int(values[i]) for i, k in enumerate(names)}
     stats.seen = {k for i, k in enumerate(names) if values[count + i] > 0}
-    stats.samples, stats.batches = int(values[2 * count]), int(values[2 * count + 1])
+    stats.sampled = {k for i, k in enumerate(names) if values[2 * count + i] > 0}
+    stats.samples, stats.batches = int(values[3 * count]), int(values[3 * count + 1])

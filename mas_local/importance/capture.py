@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import ImportanceError
+from ..errors import LayoutError
 from ..layers import _TapMixin
 from .layouts import FLAT, BatchDim, input_dims, is_sequence_first, output_dims, positional_first
 from .leaves import flat_leaves, tensor_leaves
@@ -39,6 +39,7 @@ class Site:
     activated: Tensor | None = None  # local mode with a user activation: act(y)
     row_mask: Tensor | None = None  # local mode with a mask: which rows of x.reshape(-1, x.shape[-1]) count
     targets: list[Tensor] = field(default_factory=list)  # global mode: what the rest of the model reads (Δ's targets)
+    path: str = ""  # the module's qualified name in the model (for messages)
 
     @property
     def x(self) -> Tensor:
@@ -71,9 +72,12 @@ class Site:
         """
         if dim == FLAT:
             return t.reshape(self.n, -1, *t.shape[1:])
+        if dim is None and self.n == 1:  # one sample: every row of every call is its own
+            return t.unsqueeze(0)
         if dim is None:
-            raise ImportanceError(
-                f"{type(self.module).__name__} got a tensor of shape {tuple(t.shape)} without the batch dimension; "
+            raise LayoutError(
+                f"module '{self.path}' ({type(self.module).__name__}) got a tensor of shape {tuple(t.shape)} "
+                "without the batch dimension; "
                 "per-sample estimators need one (use estimator='batch')"
             )
         return t if dim == 0 else t.movedim(dim, 0)
@@ -88,6 +92,21 @@ class Site:
         if now_out != self.versions[len(now_in) :]:
             parts.add("outputs")
         return parts
+
+
+def replicated(site: Site, n: int) -> Site:
+    """A call shared by the batch as n identical calls, one per sample (its first input and output repeated)."""
+
+    def rep(t):
+        if not isinstance(t, Tensor):
+            return t
+        return t.expand(n, *t.shape[1:]) if t.dim() >= 1 and t.shape[0] == 1 else t.unsqueeze(0).expand(n, *t.shape)
+
+    args = (rep(site.args[0]),) + tuple(site.args[1:]) if site.args else site.args
+    copy = Site(site.module, args, site.kwargs, [rep(site.outputs[0])] + site.outputs[1:], [0], [0], n)
+    copy.activated = None if site.activated is None else rep(site.activated)
+    copy.path = site.path
+    return copy
 
 
 def _copies(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -123,6 +142,7 @@ class Capture:
         expand: set[int] | None = None,
         layout_modules: list[nn.Module] = (),
         on_site: Callable[[Site], None] | None = None,
+        names: dict[int, str] | None = None,
     ) -> None:
         self.model, self.modules, self.n = model, modules, n
         self.flat_rows = n * positions if positions is not None and positions > 1 else None
@@ -137,6 +157,7 @@ class Capture:
         self._seq_first = 0
         self._handles: list = []
         self._wanted = {id(m) for m in modules}
+        self.names = names or {}
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if id(module) not in self._wanted:
@@ -189,6 +210,7 @@ class Capture:
             if i < len(site.in_dims):
                 site.in_dims[i] = None
         site.targets = [t for t in targets if isinstance(t, Tensor)]
+        site.path = self.names.get(id(module), type(module).__name__)
         site.versions = [t._version for t in in_leaves if isinstance(t, Tensor)] + [t._version for t in outputs]
         if self.track_writes:
             for t in in_leaves:
@@ -249,10 +271,13 @@ class Capture:
             self._handles.append(module.register_forward_pre_hook(self._enter_layout, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._leave_layout, with_kwargs=True, always_call=True))
         for module in self.modules:
-            if isinstance(module, _TapMixin):
+            # a module is what calling it returns: after the user's forward hooks (such a module takes the
+            # generic rule, which re-runs it with them); otherwise its own output, before anything else sees it
+            hooked = bool(module._forward_hooks)
+            if isinstance(module, _TapMixin) and not hooked:
                 module._mas_tap = self._record
             else:
-                self._handles.append(module.register_forward_hook(self._record, with_kwargs=True, prepend=True))
+                self._handles.append(module.register_forward_hook(self._record, with_kwargs=True, prepend=not hooked))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -26,7 +26,7 @@ def local_deltas(sites: list[Site], mask: Tensor | None, activation_of: dict) ->
             apply_activation(s, act)
         if mask is None or s.delta is None:
             continue
-        m = aligned_mask(s.outputs[0], s.out_dims[0], mask)
+        m = aligned_mask(s.outputs[0], s.out_dims[0], mask, features=True)
         if m is not None:  # ½‖y_k‖² over real positions only
             s.deltas[0] = s.deltas[0] * m
         if s.args and isinstance(s.x, Tensor) and s.x.is_floating_point():

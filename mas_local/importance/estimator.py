@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..config import DEFAULT_CHUNK_BYTES, Activation, ImportanceConfig
 from ..distributed.fsdp import full_params, is_dtensor, reshard
-from ..errors import ImportanceError
+from ..errors import ImportanceError, LayoutError
 from ..ops.backend import resolve
 from .activations import resolve_activations
 from .batches import (
@@ -242,15 +242,16 @@ class Estimator:
         except _Replan:  # global: this batch reads parameters where the plan's batch did not
             self._plans.pop(key, None)
             self._update_planned(batch, n, key, replanned=True)
-        except VerificationFailed as failed:
+        except (VerificationFailed, LayoutError) as failed:
             if n == 1:
-                raise self._refusal(failed) from None
+                raise (self._refusal(failed) if isinstance(failed, VerificationFailed) else failed) from None
             self._alone.add(key)
+            what = ", ".join(failed.mismatches) if isinstance(failed, VerificationFailed) else str(failed)
             self.notice_once(
                 ("alone", key),
-                "the self-check found per-sample gradients that do not add up for %s; batches of this shape are "
+                "the samples of a batch cannot be told apart at every call (%s); batches of this signature are "
                 "computed one sample at a time (exact, slower)",
-                ", ".join(failed.mismatches),
+                what,
             )
             self._update_alone(batch, n)
 
@@ -344,6 +345,7 @@ class Estimator:
             positions=self._positions,
             alias=self.mode == "global",
             layout_modules=self._layout_modules,
+            names=self.module_names,
         )
         if self.mode == "local":  # an in-place change of a captured tensor copies it first (no re-run)
             cap.track_writes, probe.before_write = True, cap.copy_on_write
@@ -401,6 +403,7 @@ class Estimator:
             expand=self.plan.expand,
             layout_modules=self._layout_modules,
             on_site=self._on_site,
+            names=self.module_names,
         )
         with cap:
             out = self.output_fn(self._call(batch))
@@ -423,8 +426,15 @@ class Estimator:
         for _ in range(3):  # a rerun when shared calls cannot be expanded, one when in-place changes show
             grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
             with grad_ctx:
-                out, sites = self._forward(batch, n)
-                if self._probe_out is not None and not self._same_output(out):
+                try:
+                    out, sites = self._forward(batch, n)
+                except Exception:
+                    if self._probe_out is None:
+                        raise
+                    # the model tiles a shared output itself (.repeat, a broadcast against [B·nW, ...]): an
+                    # expanded call does not fit it, so the shared calls' parameters go to enclosing calls
+                    out = None
+                if self._probe_out is not None and (out is None or not self._same_output(out)):
                     self.notice_once("expand", "expanding shared calls changes this model's output; not expanding")
                     self.plan, self._probe_out = self._probe.plan(self.params, expand=False), None
                     continue
@@ -458,6 +468,14 @@ class Estimator:
                 if self._replanned:
                     raise ImportanceError("the parameters' reads change between two runs of the same batch")
                 raise _Replan
+        if self.estimator != "batch" and self.batch_samples > 1:
+            for s in sites:
+                if not s.batched and id(s.module) in self.plan.unfollowed:
+                    raise LayoutError(
+                        f"module '{s.path}' ({type(s.module).__name__}) gets rows computed from the batch whose "
+                        "samples its tensors' sizes do not show (gathered tokens, windows or heads folded into the "
+                        "batch)"
+                    )
         with grad_ctx:
             if self.mode == "local":
                 self._local_deltas(sites)

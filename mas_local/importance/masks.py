@@ -14,10 +14,16 @@ from torch import Tensor
 from .layouts import FLAT, BatchDim
 
 
-def aligned_mask(t: Tensor, dim: BatchDim, mask: Tensor) -> Tensor | None:
-    """``mask`` shaped to broadcast against ``t`` (bool), or ``None`` when ``t`` has no positions axis."""
+def aligned_mask(t: Tensor, dim: BatchDim, mask: Tensor, features: bool = False) -> Tensor | None:
+    """``mask`` shaped to broadcast against ``t`` (bool), or ``None`` when ``t`` has no positions axis.
+
+    ``features``: ``t`` is a module's activation, whose last dimension holds features: a 2-D ``[B, F]``
+    has no positions axis even when F equals the mask's length.
+    """
     n, positions = mask.shape
     ones = [1] * (t.dim() - 2)
+    if features and dim in (0, 1) and t.dim() < 3:
+        return None
     if dim == 0 and t.dim() >= 2 and t.shape[0] == n and t.shape[1] == positions:
         return mask.view(n, positions, *ones)
     if dim == 1 and t.dim() >= 2 and t.shape[0] == positions and t.shape[1] == n:
@@ -39,7 +45,7 @@ def masked_squared_norm(out: Tensor, mask: Tensor | None) -> Tensor:
 
 def row_mask(x: Tensor, dim: BatchDim, mask: Tensor) -> Tensor | None:
     """Which rows of ``x.reshape(-1, x.shape[-1])`` are real positions, or ``None`` (all rows count)."""
-    m = aligned_mask(x, dim, mask)
+    m = aligned_mask(x, dim, mask, features=True)
     if m is None or x.dim() < 2:
         return None
     return m.expand(*x.shape[:-1], 1).reshape(-1)

@@ -94,6 +94,9 @@ class Plan:
     # id(module) -> indices of input leaves whose size says "batched" but that do not come from the batch
     # (cache positions [T], relative-position buckets [T, T] when T == B): shared by the batch
     shared_leaves: dict[int, set[int]] = field(default_factory=dict)
+    # id(module): calls that get tensors computed from the batch whose batch dimension the sizes do not show
+    # (gathered MoE tokens, windows or heads folded into the batch): their rows cannot be given to samples
+    unfollowed: set[int] = field(default_factory=set)
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -202,6 +205,7 @@ class UsageProbe(TorchFunctionMode):
         # tensors computed from parameters alone: id -> (weak reference, parameter names)
         self.aliases: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
         self.shared_leaves: dict[int, set[int]] = {}
+        self.unfollowed: set[int] = set()
         self._seq_first = 0
         self._handles: list = []
         # called with each tensor an in-place op is about to change (local mode: the capture copies it first)
@@ -277,6 +281,8 @@ class UsageProbe(TorchFunctionMode):
         args, kwargs = positional_first(module, args, kwargs)
         dims = input_dims(module, args, kwargs, self.n, self._seq_first > 0, self.flat_rows)
         for i, t in enumerate(flat_leaves((args, kwargs))):
+            if dims[i] is None and isinstance(t, Tensor) and t.dim() >= 1 and id(t) in self.from_batch:
+                self.unfollowed.add(id(module))
             if isinstance(dims[i], int) and id(t) not in self.from_batch and not _same_along(t, dims[i]):
                 # its size happens to be B, but it is not computed from the batch and its slices differ:
                 # positions or relative-position buckets [T, ...] with T == B
@@ -328,8 +334,8 @@ class UsageProbe(TorchFunctionMode):
     def __enter__(self) -> Any:
         for m in self.model.modules():
             self._handles.append(m.register_forward_pre_hook(self._push, with_kwargs=True))
-            # first among the forward hooks: a read in a user's hook happens outside the module's own forward
-            self._handles.append(m.register_forward_hook(self._pop, with_kwargs=True, always_call=True, prepend=True))
+            # last among the forward hooks: a read in a user's forward hook is part of calling the module
+            self._handles.append(m.register_forward_hook(self._pop, with_kwargs=True, always_call=True))
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
@@ -345,7 +351,7 @@ class UsageProbe(TorchFunctionMode):
         expand_ids = self.expandable - self.ineligible if expand and self.mode == "global" else set()
         if self.mode == "global":
             self.ineligible |= self.expandable - expand_ids
-        plan = Plan(shared_leaves=self.shared_leaves, expand=expand_ids)
+        plan = Plan(shared_leaves=self.shared_leaves, expand=expand_ids, unfollowed=self.unfollowed)
         for name, p in params.items():
             stacks = self.reads.get(name)
             if not stacks:

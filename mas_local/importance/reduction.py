@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .capture import Site
+from .capture import Site, replicated
 from .plan import Plan
 
 
@@ -71,15 +71,27 @@ def _add_sample_abs(acc: Any, rule: Any, site: Site, params: dict, n: int) -> No
 
 
 def _reduce_hebbian(acc: Any, sites: list[Site], plan: Plan, n: int) -> None:
+    """Linear/Conv rules: co-activation events per call. Every other parameter takes the ``sample`` statistic
+    (per-sample gradients summed over its calls before |·|), averaged over all samples of the pass."""
+    calls: dict[int, int] = {}
     for s in sites:
         for rule, params in plan.sites[id(s.module)].groups:
-            if rule.hebbian:
-                rule.add_hebbian(acc, s, params)
+            if rule.hebbian:  # a call shared by the batch is each sample's: its events count once per sample
+                rule.add_hebbian(acc, s if s.batched or n == 1 else replicated(s, n), params)
                 continue
-            if _has_delta(s):
-                _add_sample_abs(acc, rule, s, params, n)
             for p in params.values():
-                acc.add_count(p, n)
+                calls[id(p)] = calls.get(id(p), 0) + 1
+                acc.stats.sampled.add(acc.names[id(p)])
+    shared = {pid for pid, k in calls.items() if k > 1}
+    for s in sites:
+        if not _has_delta(s):
+            continue
+        for rule, params in plan.sites[id(s.module)].groups:
+            own = {k: p for k, p in params.items() if id(p) in calls and id(p) not in shared}
+            if not rule.hebbian and own:
+                _add_sample_abs(acc, rule, s, own, n)
+    if shared:
+        _shared_sample(acc, sites, plan, n, shared)
 
 
 def _reduce_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[int]) -> None:

@@ -48,6 +48,8 @@ class Statistics:
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {name: 0 for name in params}
         self.seen: set[str] = set()  # parameters some module call reported
+        # local hebbian: parameters judged by the sample statistic, averaged over every sample of the pass
+        self.sampled: set[str] = set()
         self.samples = 0
         self.batches = 0
 
@@ -86,6 +88,7 @@ class Statistics:
             "sums": {k: v.detach().cpu().clone() for k, v in self.sums.items()},
             "counts": dict(self.counts),
             "seen": sorted(self.seen),
+            "sampled": sorted(self.sampled),
             "samples": int(self.samples),
             "batches": int(self.batches),
         }
@@ -121,6 +124,7 @@ class Statistics:
         self.sums = sums
         self.counts = {k: int(counts[k]) for k in self.params}
         self.seen = set(state.get("seen", []))
+        self.sampled = set(state.get("sampled", []))
         self.samples = int(state["samples"])
         self.batches = int(state["batches"])
 
@@ -139,7 +143,7 @@ class Statistics:
             s = self.sums.get(name)
             if s is None:
                 s = torch.zeros(self.sum_shape(p), dtype=torch.float32, device=p.device)
-            c = self.counts[name]
+            c = self.samples if name in self.sampled else self.counts[name]
             omega = (s / c if c > 0 else s.clone()).detach()
             if not all_finite(omega):
                 raise ImportanceError(f"importance of parameter {name!r} has NaN or Inf values")

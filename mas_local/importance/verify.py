@@ -50,15 +50,21 @@ def tolerance(dtypes: set[torch.dtype]) -> float:
     return 2e-4
 
 
-def choose_subset(n: int, padded: bool, alone: bool, generator: torch.Generator) -> Tensor:
+def choose_subset(n: int, mask: Tensor | None, alone: bool, generator: torch.Generator) -> Tensor:
     """Indices of a random subset S: about half the samples (both S and its complement non-empty when n > 1),
-    at most ``MAX_ALONE`` when the samples are run one by one."""
+    at most ``MAX_ALONE`` when the samples are run one by one; with padding, S holds the most padded sample
+    (padding that leaks into a statistic shows there)."""
     if n == 1:
         return torch.zeros(1, dtype=torch.long)
+    padded = mask is not None and not bool(mask.all())
     size = max(1, n // 2)
     if padded or alone:
         size = min(size, MAX_ALONE)
-    return torch.randperm(n, generator=generator)[:size].sort().values
+    order = torch.randperm(n, generator=generator)
+    if padded:
+        most = int(mask.sum(1).argmin())
+        order = torch.cat([torch.tensor([most]), order[order != most]])
+    return order[:size].sort().values
 
 
 def _checked(est: Any, rule: Any) -> bool:
@@ -136,7 +142,9 @@ def oracle_local(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | N
     for piece, k in _pieces(est, batch, members, n, mask, alone=True):
         # every captured tensor is a copy: the model may change its inputs and outputs in place afterwards
         copies = {(id(m), part) for m in plan.modules for part in ("inputs", "outputs")}
-        cap = Capture(est.model, plan.modules, k, clone_modules=copies, layout_modules=est._layout_modules)
+        cap = Capture(
+            est.model, plan.modules, k, clone_modules=copies, layout_modules=est._layout_modules, names=est.module_names
+        )
         with preserved_state(est.model), torch.no_grad(), cap:
             call_model(est.model, piece, est.config.forward_fn)
         for s in cap.sites:
@@ -195,8 +203,7 @@ def compare(
 
 def verify_batch(est: Any, batch: Any, sites: list, n: int, mask: Tensor | None) -> None:
     """Check the identity on this batch's captured calls (after Δ, before the statistics); raise on mismatch."""
-    padded = mask is not None and not bool(mask.all())
-    members = choose_subset(n, padded, est.mode == "local", est.verify_generator)
+    members = choose_subset(n, mask, est.mode == "local", est.verify_generator)
     checked = {
         id(p)
         for s in sites

@@ -58,7 +58,13 @@ def unregister_rule(module_type: type) -> None:
 
 
 def rule_for(module: nn.Module) -> Rule:
-    """The rule for ``module``: the nearest registered type in its MRO, if the module still runs its forward."""
+    """The rule for ``module``: the nearest registered type in its MRO, if the module still runs its forward.
+
+    A module with forward hooks of the user's returns what they make of its output: the generic rule, which
+    re-runs the module with them.
+    """
+    if module._forward_hooks:
+        return GENERIC
     cls = type(module)
     for base in cls.__mro__:
         rule = _REGISTRY.get(base)

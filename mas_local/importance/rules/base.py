@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...errors import ImportanceError
+from ...errors import LayoutError
 
 
 class Rule:
@@ -46,10 +46,11 @@ class Rule:
 
     def check(self, acc: Any, site: Any, per_sample: bool) -> None:
         """Raise :class:`ImportanceError` when this call cannot be estimated as asked."""
-        if per_sample and site.x_dim is None and not (site.x.dim() <= 1 and acc.batch_samples == 1):
-            raise ImportanceError(
-                f"module {type(site.module).__name__} sees an input of shape {tuple(site.x.shape)} without the "
-                f"batch dimension ({acc.batch_samples} samples); per-sample estimators need it (use estimator='batch')"
+        if per_sample and site.x_dim is None and acc.batch_samples != 1:
+            raise LayoutError(
+                f"module '{site.path}' ({type(site.module).__name__}) sees an input of shape "
+                f"{tuple(site.x.shape)} without the batch dimension ({acc.batch_samples} samples); per-sample "
+                "estimators need it (use estimator='batch')"
             )
 
     def per_sample_grads(self, acc: Any, site: Any, params: dict[str, nn.Parameter], rows: slice) -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ... import ops
-from ...errors import ImportanceError
+from ...errors import LayoutError
 from .base import Rule
 
 
@@ -36,9 +36,9 @@ def _padded(site) -> tuple[Tensor, tuple[int, int]]:
     two_d, *_ = _geometry(m)
     expected = 4 if two_d else 3
     if x.dim() != expected or site.x_dim not in (0, None):
-        raise ImportanceError(
-            f"{type(m).__name__} got an input of shape {tuple(x.shape)}; importance needs a batched "
-            f"{expected}-D input with the batch dimension first"
+        raise LayoutError(
+            f"module '{site.path}' ({type(m).__name__}) got an input of shape {tuple(x.shape)}; importance needs "
+            f"a batched {expected}-D input with the batch dimension first"
         )
     if m.padding_mode == "zeros" and not isinstance(m.padding, str):
         pad = tuple(m.padding) if two_d else (0, m.padding[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...errors import ImportanceError
+from ...errors import LayoutError
 from .base import Rule
 
 
@@ -17,7 +17,9 @@ class EmbeddingRule(Rule):
         """Token rows, their Δ rows and their sample index, padding tokens left out."""
         idx = site.x
         if idx.dim() == 0:
-            raise ImportanceError("nn.Embedding got a 0-d index; importance needs a batch dimension")
+            raise LayoutError(
+                f"module '{site.path}' (nn.Embedding) got a 0-d index; importance needs a batch dimension"
+            )
         n = acc.batch_samples
         idx = site.batch_first(idx, site.x_dim).reshape(n, -1)
         d = site.batch_first(site.delta, site.out_dims[0]).reshape(n, idx.shape[1], -1).float()

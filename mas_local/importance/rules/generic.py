@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...distributed.fsdp import without_fsdp_hooks
-from ...errors import ImportanceError
+from ...errors import ImportanceError, LayoutError
 from ..layouts import FLAT
 from ..leaves import tensor_leaves
 from .base import Rule
@@ -30,28 +30,30 @@ class GenericRule(Rule):
     reruns_module = True
 
     def check(self, acc, site, per_sample):
-        if not per_sample:
+        if not per_sample or acc.batch_samples == 1:  # one sample: the call is its own, whatever its layout
             return
-        name = type(site.module).__name__
+        name = f"'{site.path}' ({type(site.module).__name__})"
         if mixes_samples(site.module):
             raise ImportanceError(
                 f"{name} in train mode mixes the samples of a batch, so per-sample importance is undefined; "
                 "call model.eval() (the default eval_mode=True does) or use estimator='batch'"
             )
         if not site.batched:
-            raise ImportanceError(
+            raise LayoutError(
                 f"module {name} has no input with the batch dimension ({acc.batch_samples} samples); per-sample "
                 "importance cannot separate its samples (use estimator='batch')"
             )
         for i, d in enumerate(site.deltas):
             if d is not None and site.out_dims[i] is None:
-                raise ImportanceError(
+                raise LayoutError(
                     f"module {name} returns a tensor of shape {tuple(site.outputs[i].shape)} without the batch "
                     "dimension that the output depends on; per-sample importance cannot split it "
                     "(use estimator='batch')"
                 )
 
     def per_sample_grads(self, acc, site, params, rows):
+        if acc.batch_samples == 1 and not site.batched:  # one sample: its gradient is the call's
+            return {name: g.unsqueeze(0) for name, g in self.batch_grads(acc, site, params).items()}
         leaves, spec = tree_flatten((site.args, site.kwargs))
         live = [i for i, d in enumerate(site.deltas) if d is not None]
         values = {k: (site.live[k] if site.live and k in site.live else p).detach() for k, p in params.items()}
