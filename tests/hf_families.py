@@ -69,7 +69,8 @@ def discover() -> dict[str, tuple[str, str]]:
 
 # ---------------------------------------------------------------------------------------------- config
 
-_HIDDEN = ("hidden_size", "d_model", "n_embd", "word_embed_proj_dim", "output_hidden_size", "embedding_size")
+_HIDDEN = ("hidden_size", "d_model", "n_embd", "word_embed_proj_dim", "output_hidden_size", "embedding_size",
+           "emb_dim", "entity_emb_size")
 _FFN = ("intermediate_size", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_inner")
 _MOE_FFN = ("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size")
 _LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
@@ -83,6 +84,9 @@ _EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_exp
 _TOPK = ("num_experts_per_tok", "moe_topk", "num_selected_experts", "top_k")
 _FIXED = {
     "vocab_size": VOCAB,
+    "vocab_size_per_layer_input": VOCAB,
+    "hidden_size_per_layer_input": 8,
+    "entity_vocab_size": 16,
     "image_size": 32,
     "patch_size": 4,
     "window_size": 2,
