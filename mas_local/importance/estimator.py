@@ -52,7 +52,7 @@ from .masks import masked_squared_norm
 from .plan import Plan, UsageProbe, registration_plan
 from .reduction import reduce_sites
 from .signature import batch_signature, read_counts
-from .statistics import Statistics
+from .statistics import Statistics, all_finite
 from .verify import VerificationFailed, verify_batch
 
 log = logging.getLogger("mas_local")
@@ -508,7 +508,23 @@ class Estimator:
             if not loss.requires_grad:
                 raise ImportanceError("the model output does not depend on any trainable parameter")
             grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
+        mask = self._mask
+        if mask is not None and not bool(mask.all()) and not all(g is None or all_finite(g) for g in grads):
+            # the model's own backward is not finite on padding (a softmax over a row it masks entirely, then
+            # zeroed): g_B = Σ_k g_k, each sample alone and unpadded, as the definition has it
+            grads = self._sum_alone(batch, n)
         for p, g in zip(self.params.values(), grads):
             if g is not None:
                 self.add_sum(p, g.float().abs() / n)  # |g_B| / b_B: every batch weighs the same
         self.stats.count_all(1)
+
+    def _sum_alone(self, batch: Any, n: int) -> list[Tensor | None]:
+        params = list(self.params.values())
+        total: list[Tensor | None] = [None] * len(params)
+        for k in range(n):
+            piece = unpadded(slice_batch(batch, k, k + 1, n), self._mask[k].cpu())
+            with torch.enable_grad():
+                out = self.output_fn(self._call(piece))
+                grads = torch.autograd.grad(masked_squared_norm(out, None), params, allow_unused=True)
+            total = [t if g is None else (g if t is None else t + g) for t, g in zip(total, grads)]
+        return total

@@ -9,6 +9,7 @@ wherever an activation is laid out with positions next to the batch dimension
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .layouts import FLAT, BatchDim
@@ -35,7 +36,7 @@ def aligned_mask(t: Tensor, dim: BatchDim, mask: Tensor, features: bool = False)
 
 def masked_squared_norm(out: Tensor, mask: Tensor | None) -> Tensor:
     """Σ_k ‖f(x_k)‖² over real positions (all positions when the output has no positions axis)."""
-    squares = out.float().pow(2)
+    squares = (out if out.dtype == torch.float64 else out.float()).pow(2)
     if mask is not None:
         m = aligned_mask(out, 0, mask)
         if m is not None:

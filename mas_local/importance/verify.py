@@ -31,7 +31,6 @@ from .leaves import tensor_leaves
 from .masks import masked_squared_norm
 
 VERIFY_CHOICES = ("first", "every", "off")
-FLOOR = 1e-4  # relative to the largest sum of any parameter (see compare)
 MAX_ALONE = 4  # samples run alone (padded batches, local mode): the check's cost stays a fraction of a batch
 
 
@@ -43,11 +42,14 @@ class VerificationFailed(Exception):
         self.mismatches = mismatches
 
 
-def tolerance(dtypes: set[torch.dtype]) -> float:
-    """Relative tolerance of the identity: the rules work in float32 whatever the model's dtype."""
+def tolerance(dtypes: set[torch.dtype]) -> tuple[float, float]:
+    """(relative tolerance, floor relative to the model's largest sum): per-sample gradients are computed in
+    float64 for a float64 model and in float32 otherwise; 16-bit activations are checked loosely."""
     if dtypes & {torch.float16, torch.bfloat16}:
-        return 3e-2
-    return 2e-4
+        return 3e-2, 1e-2
+    if dtypes == {torch.float64}:
+        return 1e-6, 1e-8
+    return 2e-4, 1e-4
 
 
 def choose_subset(n: int, mask: Tensor | None, alone: bool, generator: torch.Generator) -> Tensor:
@@ -65,6 +67,11 @@ def choose_subset(n: int, mask: Tensor | None, alone: bool, generator: torch.Gen
         most = int(mask.sum(1).argmin())
         order = torch.cat([torch.tensor([most]), order[order != most]])
     return order[:size].sort().values
+
+
+def _wide(g: Tensor) -> Tensor:
+    """float64 stays float64 (a float64 model is checked in float64); anything else becomes float32."""
+    return g if g.dtype == torch.float64 else g.float()
 
 
 def _checked(est: Any, rule: Any) -> bool:
@@ -90,7 +97,7 @@ def engine_subset_sums(est: Any, sites: list, members: Tensor) -> dict[int, Tens
                 continue
             if est.mode == "local" and not s.batched:  # shared by the batch: every sample's gradient
                 for name, g in rule.batch_grads(est, s, params).items():
-                    add(params[name], g.float() * size)
+                    add(params[name], _wide(g) * size)
                 continue
             numel = sum(p.numel() for p in params.values())
             for rows in est.chunks(n, bytes_per_sample=8 * max(1, numel)):
@@ -99,7 +106,7 @@ def engine_subset_sums(est: Any, sites: list, members: Tensor) -> dict[int, Tens
                     continue
                 for name, g in rule.per_sample_grads(est, s, params, rows).items():
                     w_k = w.to(g.device).view(-1, *([1] * (g.dim() - 1)))
-                    add(params[name], (g.float() * w_k).sum(0))
+                    add(params[name], (_wide(g) * w_k.to(_wide(g).dtype)).sum(0))
     return totals
 
 
@@ -130,7 +137,7 @@ def oracle_global(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | 
                 continue
             for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
                 if g is not None:
-                    totals[id(p)] = g.float() if id(p) not in totals else totals[id(p)] + g.float()
+                    totals[id(p)] = _wide(g) if id(p) not in totals else totals[id(p)] + _wide(g)
     return totals
 
 
@@ -160,13 +167,13 @@ def oracle_local(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | N
                     y = outs[0]
                     act = est.activation_of.get(id(s.module))
                     judged = act(y) if act is not None else y
-                    loss = 0.5 * judged.float().pow(2).sum()
+                    loss = 0.5 * _wide(judged).pow(2).sum()
                     if not loss.requires_grad:
                         continue
                     grads = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
                 for p, g in zip(params.values(), grads):
                     if g is not None:
-                        totals[id(p)] = g.float() if id(p) not in totals else totals[id(p)] + g.float()
+                        totals[id(p)] = _wide(g) if id(p) not in totals else totals[id(p)] + _wide(g)
     return totals
 
 
@@ -175,14 +182,15 @@ def compare(
 ) -> None:
     """Raise :class:`VerificationFailed` for each checked parameter whose sums differ beyond the tolerance
     (``low``: the forward ran under autocast, with 16-bit activations)."""
-    tol = tolerance(est._param_dtypes | ({torch.bfloat16} if low else set()))
+    tol, floor_rel = tolerance(est._param_dtypes | ({torch.bfloat16} if low else set()))
     scales = {}
     for pid in checked:
         a, b = engine.get(pid), oracle.get(pid)
         scales[pid] = max(float(t.abs().max()) if t is not None and t.numel() else 0.0 for t in (a, b))
+    checked = {pid for pid in checked if est.params[est.names[pid]].numel()}
     # a parameter whose sums are tiny next to the model's largest (a bias a norm cancels) is judged against
     # that largest one: float32 cancellation leaves noise there, and an error below it cannot move Ω visibly
-    floor = FLOOR * max(scales.values(), default=0.0)
+    floor = floor_rel * max(scales.values(), default=0.0)
     bad: dict[str, tuple[float, str]] = {}
     for pid in checked:
         scale = max(scales[pid], floor)
@@ -194,7 +202,7 @@ def compare(
         b = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if b is None else b
         if not (math.isfinite(scale) and bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
             continue  # not finite: the pass's finiteness checks name it
-        err = float((a - b.to(a.device)).abs().max()) / scale
+        err = float((a.double() - b.to(a.device).double()).abs().max()) / scale
         if not err <= tol:
             bad[est.names[pid]] = (err, est.site_path_of(pid))
     if bad:

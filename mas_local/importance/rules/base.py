@@ -24,9 +24,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ...errors import LayoutError
+
+
+def work_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype per-sample gradients are computed in: float64 for a float64 model (cancellations inside one
+    sample's gradient, a bias a softmax or a norm removes, stay below its noise), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors if t is not None) else torch.float32
 
 
 class Rule:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ... import ops
 from ...errors import LayoutError
-from .base import Rule
+from .base import Rule, work_dtype
 
 
 def _geometry(module: nn.Module):
@@ -165,15 +165,16 @@ class ConvRule(Rule):
         m = site.module
         two_d, *_ = _geometry(m)
         xp, pad = _padded(site)
-        d = _as4d(site.delta, two_d)[rows].float()
+        dt = work_dtype(xp, site.delta)
+        d = _as4d(site.delta, two_d)[rows].to(dt)
         out = {}
         if "weight" in params and _grouped_on(xp.device):
-            out["weight"] = _per_sample_weight_grads(m, xp[rows].float(), pad, d).reshape(
+            out["weight"] = _per_sample_weight_grads(m, xp[rows].to(dt), pad, d).reshape(
                 d.shape[0], *params["weight"].shape
             )
         elif "weight" in params:
             parts = [
-                torch.einsum("blo,bli->boi", d_g, x_g) for _, d_g, x_g in _unfolded_groups(m, xp[rows].float(), pad, d)
+                torch.einsum("blo,bli->boi", d_g, x_g) for _, d_g, x_g in _unfolded_groups(m, xp[rows].to(dt), pad, d)
             ]
             out["weight"] = torch.cat(parts, dim=1).reshape(d.shape[0], *params["weight"].shape)
         if "bias" in params:

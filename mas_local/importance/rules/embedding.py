@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ...errors import LayoutError
-from .base import Rule
+from .base import Rule, work_dtype
 
 
 class EmbeddingRule(Rule):
@@ -22,7 +22,8 @@ class EmbeddingRule(Rule):
             )
         n = acc.batch_samples
         idx = site.batch_first(idx, site.x_dim).reshape(n, -1)
-        d = site.batch_first(site.delta, site.out_dims[0]).reshape(n, idx.shape[1], -1).float()
+        d = site.batch_first(site.delta, site.out_dims[0]).reshape(n, idx.shape[1], -1)
+        d = d.to(work_dtype(d))
         sample = torch.arange(n, device=idx.device).unsqueeze(1).expand_as(idx)
         m = site.module
         if m.padding_idx is None:  # every token counts: no boolean indexing (it copies and synchronises)
@@ -36,7 +37,7 @@ class EmbeddingRule(Rule):
         m = site.module
         keys = group * m.num_embeddings + rows
         uniq, inv = torch.unique(keys, return_inverse=True)
-        seg = torch.zeros(uniq.numel(), d.shape[1], device=d.device, dtype=torch.float32)
+        seg = torch.zeros(uniq.numel(), d.shape[1], device=d.device, dtype=d.dtype)
         seg.index_add_(0, inv, d)
         if m.scale_grad_by_freq:
             counts = torch.bincount(inv, minlength=uniq.numel()).to(seg.dtype)
@@ -48,19 +49,21 @@ class EmbeddingRule(Rule):
             return
         rows, d, sample = self._flat(acc, site)
         _, uniq_rows, seg = self._segments(site, rows, d, sample)
-        acc.sum_of(params["weight"]).index_add_(0, uniq_rows, seg.abs())
+        total = acc.sum_of(params["weight"])
+        total.index_add_(0, uniq_rows, seg.abs().to(total.dtype))
 
     def batch_grads(self, acc, site, params):
         if "weight" not in params:
             return {}
         w, m = params["weight"], site.module
         rows = site.x.reshape(-1)
-        d = site.delta.reshape(rows.shape[0], -1).float()
+        d = site.delta.reshape(rows.shape[0], -1)
+        d = d.to(work_dtype(d))
         if m.padding_idx is not None:
             keep = rows != m.padding_idx
             rows, d = rows[keep], d[keep]
         _, uniq_rows, seg = self._segments(site, rows, d, torch.zeros_like(rows))
-        g = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        g = torch.zeros(w.shape, dtype=seg.dtype, device=w.device)
         g.index_add_(0, uniq_rows, seg)
         return {"weight": g}
 
@@ -68,7 +71,7 @@ class EmbeddingRule(Rule):
         if "weight" not in params:
             return {}
         w = params["weight"]
-        g = torch.zeros(rows.stop - rows.start, *w.shape, dtype=torch.float32, device=w.device)
+        g = torch.zeros(rows.stop - rows.start, *w.shape, dtype=work_dtype(site.delta), device=w.device)
         self.add_per_sample_grads(acc, site, params, rows, {"weight": g})
         return {"weight": g}
 
@@ -80,4 +83,4 @@ class EmbeddingRule(Rule):
             sel = (sample >= rows.start) & (sample < rows.stop)
             tok, d, sample = tok[sel], d[sel], sample[sel]
         keys, _, seg = self._segments(site, tok, d, sample - rows.start)
-        into["weight"].view(-1, params["weight"].shape[1]).index_add_(0, keys, seg)
+        into["weight"].view(-1, params["weight"].shape[1]).index_add_(0, keys, seg.to(into["weight"].dtype))

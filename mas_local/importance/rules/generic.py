@@ -17,7 +17,7 @@ from ...distributed.fsdp import without_fsdp_hooks
 from ...errors import ImportanceError, LayoutError
 from ..layouts import FLAT
 from ..leaves import tensor_leaves
-from .base import Rule
+from .base import Rule, work_dtype
 
 
 def mixes_samples(module: nn.Module) -> bool:
@@ -52,10 +52,22 @@ class GenericRule(Rule):
                 )
 
     def per_sample_grads(self, acc, site, params, rows):
-        if acc.batch_samples == 1 and not site.batched:  # one sample: its gradient is the call's
+        if acc.batch_samples == 1:  # one sample: its gradient is the call's, whatever the call's layout
             return {name: g.unsqueeze(0) for name, g in self.batch_grads(acc, site, params).items()}
+        try:
+            return self._per_sample_grads(acc, site, params, rows)
+        except ImportanceError:
+            raise
+        except Exception as exc:  # the module does not run on one sample's slices: its samples are not separable
+            raise LayoutError(
+                f"module '{site.path}' ({type(site.module).__name__}) cannot be re-run on one sample's slices "
+                f"of its call ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
+
+    def _per_sample_grads(self, acc, site, params, rows):
         leaves, spec = tree_flatten((site.args, site.kwargs))
         live = [i for i, d in enumerate(site.deltas) if d is not None]
+        dt = work_dtype(*[site.deltas[i] for i in live])
         values = {k: (site.live[k] if site.live and k in site.live else p).detach() for k, p in params.items()}
         module, values = without_fsdp_hooks(site.module, values)
         names = list(params)
@@ -73,7 +85,7 @@ class GenericRule(Rule):
             args, kwargs = tree_unflatten(full, spec)
             outs = tensor_leaves(torch.func.functional_call(module, values, args, kwargs))
             return sum(
-                (outs[i].float() * _one_sample(d, site.out_dims[i]).float()).sum() for i, d in zip(live, sample_deltas)
+                (outs[i].to(dt) * _one_sample(d, site.out_dims[i]).to(dt)).sum() for i, d in zip(live, sample_deltas)
             )
 
         grad_fn = torch.func.grad(loss_of_sample)
@@ -102,7 +114,7 @@ class GenericRule(Rule):
                 )
             g = {key: torch.stack([p[key] for p in per]) for key in values}
         keys = list(values)
-        return {name: g[key].float() for name, key in zip(names, keys)}
+        return {name: g[key].to(dt) for name, key in zip(names, keys)}
 
     def batch_grads(self, acc, site, params):
         """Σ_k g_k by one re-run of the module on the whole batch (no per-sample split needed).
@@ -118,13 +130,14 @@ class GenericRule(Rule):
             leaves = [v.requires_grad_(True) for v in values.values()]
             module, call_values = without_fsdp_hooks(site.module, {**values, **buffers})
             outs = tensor_leaves(torch.func.functional_call(module, call_values, site.args, site.kwargs))
-            loss = sum((outs[i].float() * site.deltas[i].float()).sum() for i in live)
+            dt = work_dtype(*[site.deltas[i] for i in live])
+            loss = sum((outs[i].to(dt) * site.deltas[i].to(dt)).sum() for i in live)
             if isinstance(loss, Tensor) and loss.requires_grad:
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
             else:
                 grads = [None] * len(leaves)
         return {
-            name: (torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None else g.float())
+            name: (torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None else g)
             for name, p, g in zip(names, params.values(), grads)
         }
 

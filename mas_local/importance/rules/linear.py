@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ... import ops
-from .base import Rule
+from .base import Rule, work_dtype
 
 
 class LinearRule(Rule):
@@ -47,8 +47,9 @@ class LinearRule(Rule):
 
     def batch_grads(self, acc, site, params):
         # summed over every position of the batch: the layout does not matter
-        x2 = site.x.reshape(-1, site.x.shape[-1]).float()
-        d2 = site.delta.reshape(-1, site.delta.shape[-1]).float()
+        dt = work_dtype(site.x, site.delta)
+        x2 = site.x.reshape(-1, site.x.shape[-1]).to(dt)
+        d2 = site.delta.reshape(-1, site.delta.shape[-1]).to(dt)
         out = {}
         if "weight" in params:
             a, b = self._pair(d2, x2)
@@ -75,13 +76,15 @@ class LinearRule(Rule):
 
     def per_sample_grads(self, acc, site, params, rows):
         k = rows.stop - rows.start
-        out = {name: torch.zeros(k, *p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+        dt = work_dtype(site.x, site.delta)
+        out = {name: torch.zeros(k, *p.shape, dtype=dt, device=p.device) for name, p in params.items()}
         self.add_per_sample_grads(acc, site, params, rows, out)
         return out
 
     def add_per_sample_grads(self, acc, site, params, rows, into):
         x, d = self._rows(acc, site)
-        x, d = x[rows].float(), d[rows].float()
+        dt = into[next(iter(into))].dtype if into else torch.float32
+        x, d = x[rows].to(dt), d[rows].to(dt)
         if "weight" in params:
             a, b = self._pair(d, x)
             into["weight"].baddbmm_(a.transpose(1, 2), b)

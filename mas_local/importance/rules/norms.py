@@ -61,9 +61,9 @@ class _AffineNorm(Rule):
         d, xhat, dim = self._per_position(site, rows)
         out = {}
         if "weight" in params:
-            out["weight"] = (d * xhat).sum(dim).float()
+            out["weight"] = (d * xhat).sum(dim)
         if "bias" in params:
-            out["bias"] = d.sum(dim).float()
+            out["bias"] = d.sum(dim)
         return out
 
     def batch_grads(self, acc, site, params):
