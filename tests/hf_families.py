@@ -69,14 +69,28 @@ def discover() -> dict[str, tuple[str, str]]:
 
 # ---------------------------------------------------------------------------------------------- config
 
-_HIDDEN = ("hidden_size", "d_model", "n_embd", "word_embed_proj_dim", "output_hidden_size", "embedding_size",
-           "emb_dim", "entity_emb_size")
+_HIDDEN = (
+    "hidden_size",
+    "d_model",
+    "n_embd",
+    "word_embed_proj_dim",
+    "output_hidden_size",
+    "embedding_size",
+    "emb_dim",
+    "entity_emb_size",
+)
 _FFN = ("intermediate_size", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_inner")
 _MOE_FFN = ("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size")
-_LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
-           "num_decoder_layers")
-_HEADS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
-          "decoder_attention_heads")
+_LAYERS = (
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "n_layers",
+    "encoder_layers",
+    "decoder_layers",
+    "num_decoder_layers",
+)
+_HEADS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads", "decoder_attention_heads")
 _KV = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
 _HEAD_DIM = ("head_dim", "d_kv", "kv_channels", "qk_nope_head_dim", "v_head_dim", "attention_head_size")
 _POS = ("max_position_embeddings", "n_positions", "n_ctx", "max_target_positions")
@@ -417,8 +431,12 @@ def per_sample_grads(model, singles):
         for x in batch:
             y = run(model, x)
             gs = torch.autograd.grad(y.double().pow(2).sum(), [p for _, p in named], allow_unused=True)
-            grads_b.append({n: (torch.zeros_like(p, dtype=torch.float64) if g is None else g.double())
-                            for (n, p), g in zip(named, gs)})
+            grads_b.append(
+                {
+                    n: (torch.zeros_like(p, dtype=torch.float64) if g is None else g.double())
+                    for (n, p), g in zip(named, gs)
+                }
+            )
         out.append(grads_b)
     return out
 
@@ -528,8 +546,9 @@ def _check(fn):
         raise
     except Exception as e:
         tb = traceback.extract_tb(e.__traceback__)
-        where = next((f"{f.filename.split('/')[-1]}:{f.lineno}" for f in reversed(tb) if "mas_local" in f.filename),
-                     None)
+        where = next(
+            (f"{f.filename.split('/')[-1]}:{f.lineno}" for f in reversed(tb) if "mas_local" in f.filename), None
+        )
         return {"status": "crash", "detail": _first_line(e), "where": where}
     if ok:
         return {"status": "exact", "error": err}
@@ -609,13 +628,21 @@ def check_family(model_type: str, head: str, estimators=ESTIMATORS) -> dict:
 
         return fn
 
-    fns = {"global_sample": g_sample, "global_batch": g_batch,
-           "local_hebbian": local("hebbian"), "local_sample": local("sample")}
+    fns = {
+        "global_sample": g_sample,
+        "global_batch": g_batch,
+        "local_hebbian": local("hebbian"),
+        "local_sample": local("sample"),
+    }
     for est in estimators:
         check = _check(fns[est])
         if check["status"] == "wrong" and variant:
             # the oracles assume f(x_k) is the same alone and in a padded batch; this model breaks that
-            check = {"status": "n/a", "detail": "the model itself is not padding/batch invariant",
-                     "error": check["error"], "worst": check.get("detail")}
+            check = {
+                "status": "n/a",
+                "detail": "the model itself is not padding/batch invariant",
+                "error": check["error"],
+                "worst": check.get("detail"),
+            }
         res["checks"][est] = check
     return res

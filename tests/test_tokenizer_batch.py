@@ -39,13 +39,27 @@ def _tokenizer():
 
 def _model(name, vocab, pad):
     if name == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32, vocab_size=vocab,
-                                      bos_token_id=1, eos_token_id=1, pad_token_id=pad)
+        cfg = transformers.GPT2Config(
+            n_layer=2,
+            n_embd=16,
+            n_head=2,
+            n_positions=32,
+            vocab_size=vocab,
+            bos_token_id=1,
+            eos_token_id=1,
+            pad_token_id=pad,
+        )
         cls = transformers.GPT2LMHeadModel
     else:
-        cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=24, max_position_embeddings=32, vocab_size=vocab,
-                                      pad_token_id=pad)
+        cfg = transformers.BertConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=32,
+            vocab_size=vocab,
+            pad_token_id=pad,
+        )
         cls = transformers.BertForMaskedLM
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)

@@ -46,6 +46,7 @@ from .guards import (
     check_output,
     preserved_buffers,
     preserved_state,
+    without_kv_cache,
 )
 from .layouts import is_sequence_first
 from .masks import masked_squared_norm
@@ -216,7 +217,7 @@ class Estimator:
         step = self.config.micro_batch
         # in train mode a forward updates buffers (BatchNorm statistics): a failed batch restores them
         guard = preserved_buffers(self.model) if self._any_training else nullcontext()
-        with guard:
+        with guard, without_kv_cache(self.model):
             if step is None or n <= step:
                 self._update_one(batch, n)
             else:  # per-sample statistics add up over any split of the batch: bounded activation memory

@@ -50,6 +50,25 @@ def preserved_buffers(model: nn.Module):
         raise
 
 
+@contextlib.contextmanager
+def without_kv_cache(model: nn.Module):
+    """Hugging Face models with ``config.use_cache`` build a key/value cache in each forward and hand it to their
+    attention layers, which append to it: a layer re-run per sample would see its keys twice. The cache only
+    serves generation, so the pass runs with it off (the outputs are the same) and restores the setting."""
+    configs = []
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and getattr(cfg, "use_cache", None) is True and all(c is not cfg for c in configs):
+            configs.append(cfg)
+    for cfg in configs:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        for cfg in configs:
+            cfg.use_cache = True
+
+
 def check_checkpointing(model: nn.Module) -> None:
     """Reentrant activation checkpointing hides module calls from ``autograd.grad``: refuse it clearly."""
     for m in model.modules():

@@ -65,6 +65,7 @@ def rule_for(module: nn.Module) -> Rule:
     """
     if module._forward_hooks:
         return GENERIC
+    _register_conv1d()
     cls = type(module)
     for base in cls.__mro__:
         rule = _REGISTRY.get(base)
@@ -79,6 +80,7 @@ def rule_for(module: nn.Module) -> Rule:
 
 
 def registered_rules() -> dict[type, Rule]:
+    _register_conv1d()
     return dict(_REGISTRY)
 
 
@@ -100,10 +102,17 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     register_rule(nn.RMSNorm, RMSNormRule())
 _RMS_RECOGNISED = RMSNormRule(recognise=True)
 
-# Hugging Face Conv1D / MASConv1D: registered once transformers.pytorch_utils is loaded (never imported from here)
-from .conv1d import Conv1DRule, register_when_loaded  # noqa: E402
+# Hugging Face Conv1D / MASConv1D: registered on the first lookup after transformers.pytorch_utils is loaded
+# (never imported from here)
+from .conv1d import Conv1DRule, PendingRegistration  # noqa: E402
 
-register_when_loaded(register_rule, Conv1DRule())
+
+def _register_default(module_type: type, rule: Rule) -> None:
+    if module_type not in _REGISTRY:  # a rule the user registered first stays
+        register_rule(module_type, rule)
+
+
+_register_conv1d = PendingRegistration(_register_default, Conv1DRule())
 
 __all__ = [
     "GENERIC",
