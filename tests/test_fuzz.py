@@ -8,7 +8,7 @@ Each run is classified:
   wrong    numbers differ (or names are missing)
 The test asserts 0 wrong and 0 crash.
 
-Environment: MAS_FUZZ_N (models, default 60: 480 runs), MAS_FUZZ_SEED (base seed, default 0),
+Environment: MAS_FUZZ_N (models, default 200: 1,600 runs), MAS_FUZZ_SEED (base seed, default 0),
 MAS_FUZZ_REPORT (a path: write every run's outcome as JSON lines, used by tests/fuzz_mutations.py).
 
 Reproduce one run:  PYTHONPATH=. MAS_LOCAL_NO_EXT=1 python -m tests.test_fuzz SEED MODE-ESTIMATOR [converted]
@@ -31,7 +31,7 @@ from mas_local.errors import ImportanceError
 from tests import fuzz_oracles, oracles
 from tests.fuzz_grammar import build_case
 
-N = int(os.environ.get("MAS_FUZZ_N", "60"))
+N = int(os.environ.get("MAS_FUZZ_N", "200"))
 BASE = int(os.environ.get("MAS_FUZZ_SEED", "0"))
 CHUNK = 5
 RUNS = [("global", "sample"), ("global", "batch"), ("local", "hebbian"), ("local", "sample")]

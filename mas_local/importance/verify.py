@@ -31,7 +31,7 @@ from .leaves import tensor_leaves
 from .masks import masked_squared_norm
 
 VERIFY_CHOICES = ("first", "every", "off")
-MAX_ALONE = 4  # samples run alone (padded batches, local mode): the check's cost stays a fraction of a batch
+MAX_ALONE = 2  # samples run alone (padded batches, local mode): the check's cost stays a fraction of a batch
 
 
 class VerificationFailed(Exception):
@@ -69,6 +69,17 @@ def choose_subset(n: int, mask: Tensor | None, alone: bool, generator: torch.Gen
     return order[:size].sort().values
 
 
+def _runs(indices: list[int]) -> list[slice]:
+    """Sorted indices as maximal slices of consecutive ones."""
+    runs: list[slice] = []
+    for i in indices:
+        if runs and runs[-1].stop == i:
+            runs[-1] = slice(runs[-1].start, i + 1)
+        else:
+            runs.append(slice(i, i + 1))
+    return runs
+
+
 def _wide(g: Tensor) -> Tensor:
     """float64 stays float64 (a float64 model is checked in float64); anything else becomes float32."""
     return g if g.dtype == torch.float64 else g.float()
@@ -80,10 +91,8 @@ def _checked(est: Any, rule: Any) -> bool:
 
 def engine_subset_sums(est: Any, sites: list, members: Tensor) -> dict[int, Tensor]:
     """Σ_{k∈S} g_k per parameter (by id), signed, from the rules' per-sample gradients summed over calls."""
-    n = est.batch_samples
-    weights = torch.zeros(n, dtype=torch.float32)
-    weights[members] = 1.0
     size = float(members.numel())
+    runs = _runs(members.tolist())
     totals: dict[int, Tensor] = {}
 
     def add(p: Tensor, g: Tensor) -> None:
@@ -100,13 +109,11 @@ def engine_subset_sums(est: Any, sites: list, members: Tensor) -> dict[int, Tens
                     add(params[name], _wide(g) * size)
                 continue
             numel = sum(p.numel() for p in params.values())
-            for rows in est.chunks(n, bytes_per_sample=8 * max(1, numel)):
-                w = weights[rows]
-                if not bool(w.any()):
-                    continue
-                for name, g in rule.per_sample_grads(est, s, params, rows).items():
-                    w_k = w.to(g.device).view(-1, *([1] * (g.dim() - 1)))
-                    add(params[name], (_wide(g) * w_k.to(_wide(g).dtype)).sum(0))
+            for run in runs:  # only the samples of S: runs of consecutive indices, in chunks
+                for part in est.chunks(run.stop - run.start, bytes_per_sample=8 * max(1, numel)):
+                    rows = slice(run.start + part.start, run.start + part.stop)
+                    for name, g in rule.per_sample_grads(est, s, params, rows).items():
+                        add(params[name], _wide(g).sum(0))
     return totals
 
 
