@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..config import DEFAULT_CHUNK_BYTES, Activation, ImportanceConfig
 from ..distributed.fsdp import full_params, is_dtensor, reshard
 from ..errors import ImportanceError, LayoutError
-from ..ops.backend import resolve
+from .accumulator import Accumulator
 from .activations import resolve_activations
 from .batches import (
     batch_size,
@@ -66,9 +66,7 @@ class _Replan(Exception):
 class Estimator:
     """Accumulates the statistics of one importance pass: ``update(batch)`` per batch, then ``result()``.
 
-    Rules (:mod:`mas_local.importance.rules`) see it as their accumulator: ``batch_samples``,
-    ``sum_of``, ``add_sum``, ``add_count``, ``chunks``, ``backend``, ``precision``,
-    ``per_sample_scratch``.
+    Rules (:mod:`mas_local.importance.rules`) see only its :class:`~.accumulator.Accumulator` (``self.acc``).
     """
 
     # global batch: one autograd.grad w.r.t. the parameters (False: through the per-module rules)
@@ -119,6 +117,7 @@ class Estimator:
         self.names = {id(p): name for name, p in self.params.items()}
         self.sharded = any(is_dtensor(p) for p in self.params.values())
         self.stats = self.make_statistics()
+        self.acc = Accumulator(config, self.stats)
         self.plan: Plan | None = None  # the plan of the current batch's signature
         self._plans: dict[tuple, Plan] = {}  # batch signature -> plan (docs/math.md, "Which rows belong to ...")
         self._read_counts: dict[tuple, dict[int, int]] = {}  # global: graph reads of each parameter per plan
@@ -128,20 +127,17 @@ class Estimator:
         self._replanned = False
         self.verify_generator = torch.Generator().manual_seed(0)
         self.module_names = {id(m): name or "<model>" for name, m in model.named_modules(remove_duplicate=False)}
-        self.batch_samples = 0
         self._mask: Tensor | None = None
         self._positions: int | None = None
         self._device_type = next(iter(self.params.values())).device.type
         # (id(module), "inputs" | "outputs"): captured tensors the model modifies in place, captured as copies
         self._clone_modules: set[tuple[int, str]] = set()
-        self._scratch_backend: dict[tuple, str] = {}
         self._probe = self._probe_out = None  # the first batch's probe and output, until expansion is verified
         self._any_training: bool | None = None
         every = list(model.parameters())
         self._param_devices = {p.device for p in every}
         self._param_dtypes = {p.dtype for p in every if p.is_floating_point()}
         self._layout_modules = [m for m in model.modules() if is_sequence_first(m)]
-        self._notices: set = set()
 
     # -- settings seen by rules and callers ----------------------------------------
     mode = property(lambda self: self.config.mode)
@@ -161,36 +157,17 @@ class Estimator:
     def make_statistics(self) -> Statistics:
         return Statistics(self.params, self.fingerprint())
 
-    # -- the accumulator interface of the rules ---------------------------------------
-    def sum_of(self, p: Tensor) -> Tensor:
-        return self.stats.sum_of(p)
+    # what the rules see (a narrow interface, mas_local.importance.accumulator)
+    @property
+    def batch_samples(self) -> int:
+        return self.acc.batch_samples
 
-    def add_sum(self, p: Tensor, value: Tensor) -> None:
-        self.stats.add_sum(p, value)
-
-    def add_count(self, p: Tensor, count: int) -> None:
-        self.stats.add_count(p, count)
-
-    def per_sample_scratch(self, out_features: int, in_features: int, device: torch.device) -> int:
-        """Bytes per sample the per-sample op needs beyond its operands on ``device``.
-
-        The torch reference materialises each sample's ``[out, in]`` product in fp32; the fused
-        kernels (ext, triton) keep Ω's tiles in registers and need none (``docs/rules.md``).
-        """
-        key = (device.type, device.index)
-        name = self._scratch_backend.get(key)
-        if name is None:
-            name = self._scratch_backend[key] = resolve("per_sample_abs_acc", device, self.backend)[0]
-        return 4 * out_features * in_features if name == "torch" else 0
-
-    def chunks(self, n: int, bytes_per_sample: int) -> list[slice]:
-        step = max(1, self.chunk_bytes // max(1, bytes_per_sample))
-        return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+    @batch_samples.setter
+    def batch_samples(self, n: int) -> None:
+        self.acc.batch_samples = n
 
     def notice_once(self, key, msg: str, *args) -> None:
-        if key not in self._notices:
-            self._notices.add(key)
-            log.info("mas_local: " + msg, *args)
+        self.acc.notice_once(key, msg, *args)
 
     # -- statistics (kept here for callers: checkpoints, distributed sync) ------------------
     batches = property(lambda self: self.stats.batches)
@@ -482,7 +459,7 @@ class Estimator:
                 self._local_deltas(sites)
             for s in sites:
                 for rule, _ in self.plan.sites[id(s.module)].groups:
-                    rule.check(self, s, self._needs_samples(rule, s))
+                    rule.check(self.acc, s, self._needs_samples(rule, s))
             if self.mode == "global":
                 self._global_deltas(out, sites)
         if batch is not None and self.config.verify != "off" and self.estimator != "batch" and not self.sharded:
@@ -493,7 +470,7 @@ class Estimator:
         # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
         # no autograd history for the statistics (the generic rule's torch.func transforms ignore no_grad)
         with torch.autocast(self._device_type, enabled=False), torch.no_grad():
-            reduce_sites(self, sites, self.plan)
+            reduce_sites(self.acc, sites, self.plan)
 
     def _local_deltas(self, sites: list[Site]) -> None:
         local_deltas(sites, self._mask, self.activation_of)
@@ -516,7 +493,7 @@ class Estimator:
             grads = self._sum_alone(batch, n)
         for p, g in zip(self.params.values(), grads):
             if g is not None:
-                self.add_sum(p, g.float().abs() / n)  # |g_B| / b_B: every batch weighs the same
+                self.stats.add_sum(p, g.float().abs() / n)  # |g_B| / b_B: every batch weighs the same
         self.stats.count_all(1)
 
     def _sum_alone(self, batch: Any, n: int) -> list[Tensor | None]:

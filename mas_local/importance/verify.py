@@ -105,14 +105,14 @@ def engine_subset_sums(est: Any, sites: list, members: Tensor) -> dict[int, Tens
             if not _checked(est, rule):
                 continue
             if est.mode == "local" and not s.batched:  # shared by the batch: every sample's gradient
-                for name, g in rule.batch_grads(est, s, params).items():
+                for name, g in rule.batch_grads(est.acc, s, params).items():
                     add(params[name], _wide(g) * size)
                 continue
             numel = sum(p.numel() for p in params.values())
             for run in runs:  # only the samples of S: runs of consecutive indices, in chunks
-                for part in est.chunks(run.stop - run.start, bytes_per_sample=8 * max(1, numel)):
+                for part in est.acc.chunks(run.stop - run.start, bytes_per_sample=8 * max(1, numel)):
                     rows = slice(run.start + part.start, run.start + part.stop)
-                    for name, g in rule.per_sample_grads(est, s, params, rows).items():
+                    for name, g in rule.per_sample_grads(est.acc, s, params, rows).items():
                         add(params[name], _wide(g).sum(0))
     return totals
 

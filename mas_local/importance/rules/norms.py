@@ -108,7 +108,7 @@ class RMSNormRule(_AffineNorm):
     def _exact(self, acc, site):
         if not self.recognise:
             return True
-        checked = acc.__dict__.setdefault("closed_form_checked", {})  # decided once per module and pass
+        checked = acc.closed_form_checked  # decided once per module and pass
         same = checked.get(id(site.module))
         if same is None:  # does the module compute w ⊙ x̂? (checked on one sample: a norm is per position)
             m, x, y = site.module, site.x, site.outputs[0]
