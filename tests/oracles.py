@@ -151,7 +151,9 @@ def local(model: nn.Module, batches, estimator: str, judge=None, batch_dim=None)
 
                 def cut(t, mod=mod, rows=rows, b=b):
                     d = batch_dim(mod, t, b)
-                    return t if d is None else t.narrow(d, rows.start, len(rows))
+                    t = t if d is None else t.narrow(d, rows.start, len(rows))
+                    # contiguous: torch 2.13's CPU GroupNorm backward crashes on a channels-last float64 input
+                    return t.contiguous() if torch.is_tensor(t) else t
 
                 a = tuple(cut(t) for t in args)
                 kw = {k: cut(v) for k, v in kwargs.items()}

@@ -28,7 +28,7 @@ from .batches import call_model, position_mask, select_samples, slice_batch, unp
 from .capture import Capture
 from .guards import preserved_state
 from .leaves import tensor_leaves
-from .masks import masked_squared_norm
+from .masks import aligned_mask, masked_squared_norm
 
 VERIFY_CHOICES = ("first", "every", "off")
 MAX_ALONE = 2  # samples run alone (padded batches, local mode): the check's cost stays a fraction of a batch
@@ -59,12 +59,19 @@ def choose_subset(n: int, mask: Tensor | None, alone: bool, generator: torch.Gen
     if n == 1:
         return torch.zeros(1, dtype=torch.long)
     padded = mask is not None and not bool(mask.all())
-    size = max(1, n // 2)
+    size = max(1, n // 2) if n < 3 else max(2, n // 2)
+    if padded:  # both samples of a pair: padding that leaks shows in the total even where rows coincide
+        size = max(size, 2)
     if padded or alone:
         size = min(size, MAX_ALONE)
-    order = torch.randperm(n, generator=generator)
-    if padded:
-        most = int(mask.sum(1).argmin())
+    # sample 0's rows sit first in every layout (sample- or time-major, gathered in order): a subset of
+    # sample 0 alone cannot tell layouts apart, so it is chosen last
+    rest = torch.randperm(n - 1, generator=generator) + 1
+    order = torch.cat([rest, torch.zeros(1, dtype=torch.long)])
+    if padded:  # the most padded sample other than sample 0 (the last of equals) first: leaked padding shows
+        lengths = mask.sum(1).cpu()
+        others = lengths[1:]
+        most = 1 + int((others == others.min()).nonzero().max())
         order = torch.cat([torch.tensor([most]), order[order != most]])
     return order[:size].sort().values
 
@@ -167,8 +174,10 @@ def oracle_local(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | N
                     continue
                 values = {name: p.detach().requires_grad_(True) for name, p in params.items()}
                 module, call_values = without_fsdp_hooks(s.module, values)
+                # contiguous inputs: torch 2.13's CPU GroupNorm backward crashes on a channels-last float64 one
+                args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in s.args)
                 with torch.enable_grad():
-                    outs = tensor_leaves(torch.func.functional_call(module, call_values, s.args, s.kwargs))
+                    outs = tensor_leaves(torch.func.functional_call(module, call_values, args, s.kwargs))
                     if not outs or not outs[0].is_floating_point():
                         continue
                     y = outs[0]
@@ -219,6 +228,8 @@ def compare(
 def verify_batch(est: Any, batch: Any, sites: list, n: int, mask: Tensor | None) -> None:
     """Check the identity on this batch's captured calls (after Δ, before the statistics); raise on mismatch."""
     members = choose_subset(n, mask, est.mode == "local", est.verify_generator)
+    if est.estimator == "hebbian":
+        verify_hebbian(est, batch, sites, n, mask)
     checked = {
         id(p)
         for s in sites
@@ -237,3 +248,75 @@ def verify_batch(est: Any, batch: Any, sites: list, n: int, mask: Tensor | None)
     else:
         oracle = oracle_local(est, batch, members, n, mask)
     compare(est, engine, oracle, checked, low)
+
+
+def _hebbian_linear(est: Any, rule: Any) -> bool:
+    from .rules.linear import LinearRule  # the Linear family (nn.Linear, Conv1D): positions are rows
+
+    return est.estimator == "hebbian" and isinstance(rule, LinearRule)
+
+
+def _engine_hebbian(est: Any, sites: list, members: Tensor, mask: Tensor) -> dict[int, Tensor]:
+    """Σ over the real rows of S's samples of |y|ᵀ|x| (the Linear family's Hebbian sums), per weight."""
+    n = est.batch_samples
+    totals: dict[int, Tensor] = {}
+    for s in sites:
+        for rule, params in est.plan.sites[id(s.module)].groups:
+            w = params.get("weight")
+            if w is None or not _hebbian_linear(est, rule):
+                continue
+            x, y = s.x, s.judged_output
+            if s.batched:
+                real = aligned_mask(x, s.x_dim, mask, features=True)
+                real = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if real is None else real
+                real = real.expand(*x.shape[:-1], 1)[..., 0]
+                xs = s.batch_first(x, s.x_dim).reshape(n, -1, x.shape[-1])[members]
+                ys = s.batch_first(y, s.out_dims[0]).reshape(n, -1, y.shape[-1])[members]
+                keep = s.batch_first(real, s.x_dim).reshape(n, -1)[members]
+                x2, y2 = xs[keep], ys[keep]
+            else:  # shared by the batch: each sample's events
+                x2 = x.reshape(-1, x.shape[-1]).repeat(members.numel(), 1)
+                y2 = y.reshape(-1, y.shape[-1]).repeat(members.numel(), 1)
+            dt = torch.float64
+            a, b = rule._pair(y2.to(dt).abs(), x2.to(dt).abs())
+            g = a.t() @ b
+            totals[id(w)] = g if id(w) not in totals else totals[id(w)] + g
+    return totals
+
+
+def _oracle_hebbian(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor) -> dict[int, Tensor]:
+    """Each sample of S alone and unpadded: Σ over every row of its calls of |y|ᵀ|x|, per weight."""
+    plan = est.plan
+    totals: dict[int, Tensor] = {}
+    for piece, k in _pieces(est, batch, members, n, mask, alone=True):
+        copies = {(id(m), part) for m in plan.modules for part in ("inputs", "outputs")}
+        cap = Capture(est.model, plan.modules, k, clone_modules=copies, layout_modules=est._layout_modules)
+        with preserved_state(est.model), torch.no_grad(), cap:
+            call_model(est.model, piece, est.config.forward_fn)
+        for s in cap.sites:
+            for rule, params in plan.sites[id(s.module)].groups:
+                w = params.get("weight")
+                if w is None or not _hebbian_linear(est, rule) or not s.outputs:
+                    continue
+                y = s.outputs[0]
+                act = est.activation_of.get(id(s.module))
+                y = act(y) if act is not None else y
+                x2, y2 = s.x.reshape(-1, s.x.shape[-1]), y.reshape(-1, y.shape[-1])
+                a, b = rule._pair(y2.double().abs(), x2.double().abs())
+                g = a.t() @ b
+                totals[id(w)] = g if id(w) not in totals else totals[id(w)] + g
+    return totals
+
+
+def verify_hebbian(est: Any, batch: Any, sites: list, n: int, mask: Tensor | None) -> None:
+    """Padded batches under ``hebbian``: the Linear family's sums over a subset's real rows must equal those of
+    the same samples run alone and unpadded (the rows a layout or a mask gives to the wrong sample show)."""
+    if mask is None or bool(mask.all()):
+        return
+    members = choose_subset(n, mask, True, est.verify_generator)
+    with torch.no_grad():
+        engine = _engine_hebbian(est, sites, members, mask)
+        if not engine:
+            return
+        oracle = _oracle_hebbian(est, batch, members, n, mask)
+    compare(est, engine, oracle, set(engine) | set(oracle), low=torch.is_autocast_enabled(est._device_type))
