@@ -62,8 +62,13 @@ def _worker(timeout: int) -> None:
         except TimeoutError as e:
             res = {"family": family, "head": head, "status": f"timeout: {e}", "checks": {}, "notes": []}
         except BaseException as e:  # noqa: BLE001 - a family must never stop the sweep
-            res = {"family": family, "head": head, "status": f"not built: {type(e).__name__}: {e}"[:300],
-                   "checks": {}, "notes": []}
+            res = {
+                "family": family,
+                "head": head,
+                "status": f"not built: {type(e).__name__}: {e}"[:300],
+                "checks": {},
+                "notes": [],
+            }
         finally:
             signal.alarm(0)
         res["seconds"] = round(time.time() - t0, 2)
@@ -80,7 +85,12 @@ class _Slot:
         env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", "--timeout", str(self.timeout)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            cwd=ROOT,
+            env=env,
         )
 
     def ask(self, family, head):
@@ -243,15 +253,15 @@ def write_markdown(results, path: Path, command: str, elapsed: float):
         "",
         "Checks (tolerance rtol 1e-5, atol 1e-6 × the largest |Ω| of the model):",
         "",
-        "- **global sample**: `compute_importance(mode=\"global\", estimator=\"sample\")` on the padded batches"
+        '- **global sample**: `compute_importance(mode="global", estimator="sample")` on the padded batches'
         " against the brute-force loop over the *unpadded* samples, each alone: (1/N) Σ_k |∂‖f(x_k)‖²/∂θ|.",
-        "- **global batch**: `estimator=\"batch\"` against the official formula"
+        '- **global batch**: `estimator="batch"` against the official formula'
         " (1/#B) Σ_B |Σ_{k∈B} ∂‖f(x_k)‖²/∂θ| / b_B"
         " (the gradients from the unpadded samples; two batches of unequal sizes).",
         "- **local hebbian**, **local sample**: every trainable parameter gets a finite Ω, and Ω of the padded,"
         " masked batches equals Ω of the same samples unpadded, each passed as its own batch of one (for"
         " images and audio: a batch equals its samples one by one). T5-style relative position biases are"
-        " left out of this comparison (docs/math.md, \"Masks\": judged over the padded grid by definition).",
+        ' left out of this comparison (docs/math.md, "Masks": judged over the padded grid by definition).',
         "",
         "✓ exact; ✗ wrong, with the largest error relative to the worst parameter's own max |Ω|;"
         " refused (an `ImportanceError`) and crash (any other exception) with the message in the notes;"
@@ -277,8 +287,11 @@ def write_markdown(results, path: Path, command: str, elapsed: float):
     ]
     for e in ESTIMATORS:
         c = s["per_estimator"][e]
-        lines.append(f"| {e.replace('_', ' ')} | " + " | ".join(str(c.get(k, 0)) for k in
-                                                                ("exact", "refused", "crash", "wrong", "n/a")) + " |")
+        lines.append(
+            f"| {e.replace('_', ' ')} | "
+            + " | ".join(str(c.get(k, 0)) for k in ("exact", "refused", "crash", "wrong", "n/a"))
+            + " |"
+        )
     notes: list[str] = []
     lines += [
         "",
@@ -292,8 +305,7 @@ def write_markdown(results, path: Path, command: str, elapsed: float):
             continue
         cells = [_cell(r["checks"].get(e, {}), notes) for e in ESTIMATORS]
         setup = "; ".join(r.get("notes", []))
-        lines.append(f"| {r['family']} | `{r['head']}` | " + " | ".join(_esc(c) for c in cells)
-                     + f" | {_esc(setup)} |")
+        lines.append(f"| {r['family']} | `{r['head']}` | " + " | ".join(_esc(c) for c in cells) + f" | {_esc(setup)} |")
     if notes:
         lines += ["", "Notes:", ""]
         lines += [f"{i + 1}. {_esc(n)}" for i, n in enumerate(notes)]
@@ -341,16 +353,29 @@ def main(argv=None):
     import torch
     import transformers
 
-    js.write_text(json.dumps({
-        "command": command.strip(), "date": datetime.date.today().isoformat(), "seconds": round(elapsed, 1),
-        "transformers": transformers.__version__, "torch": torch.__version__,
-        "summary": _summary(results), "results": results,
-    }, indent=1, default=str) + "\n")
+    js.write_text(
+        json.dumps(
+            {
+                "command": command.strip(),
+                "date": datetime.date.today().isoformat(),
+                "seconds": round(elapsed, 1),
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+                "summary": _summary(results),
+                "results": results,
+            },
+            indent=1,
+            default=str,
+        )
+        + "\n"
+    )
     write_markdown(results, out, command.strip(), elapsed)
     s = _summary(results)
-    print(f"{s['discovered']} families, {s['built']} built, {s['exact_in_all_four']} exact in all four, "
-          f"{s['with_a_refusal']} with a refusal, {s['with_a_crash']} with a crash, {s['with_a_wrong']} wrong, "
-          f"{s['timeouts']} timeouts ({elapsed:.0f} s) -> {out}, {js}")
+    print(
+        f"{s['discovered']} families, {s['built']} built, {s['exact_in_all_four']} exact in all four, "
+        f"{s['with_a_refusal']} with a refusal, {s['with_a_crash']} with a crash, {s['with_a_wrong']} wrong, "
+        f"{s['timeouts']} timeouts ({elapsed:.0f} s) -> {out}, {js}"
+    )
     return 0
 
 

@@ -639,7 +639,8 @@ class GroupNorm_(Block):
 
     def __init__(self, c, r, info):
         super().__init__()
-        self.gn = nn.GroupNorm(r.choice([g for g in range(1, c + 1) if c % g == 0]), c)
+        # at least 2 channels a group: a sample of one position must still have more than one value a group
+        self.gn = nn.GroupNorm(r.choice([g for g in range(1, c + 1) if c % g == 0 and c // g >= 2] or [1]), c)
 
     def forward(self, h):
         return self.gn(h) if h.dim() == 4 else self.gn(h.mT).mT

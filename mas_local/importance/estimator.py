@@ -52,7 +52,7 @@ from .layouts import is_sequence_first
 from .masks import masked_squared_norm
 from .plan import Plan, UsageProbe, registration_plan
 from .reduction import reduce_sites
-from .signature import batch_signature, read_counts
+from .signature import ReadCounter, batch_signature, read_counts
 from .statistics import Statistics, all_finite
 from .verify import VerificationFailed, verify_batch
 
@@ -125,6 +125,7 @@ class Estimator:
         self._alone: set[tuple] = set()  # signatures whose samples are run one by one (the check failed)
         self._signature: tuple | None = None
         self._replanned = False
+        self._local_reads: dict[int, int] | None = None  # local mode: the last forward's parameter reads
         self.verify_generator = torch.Generator().manual_seed(0)
         self.module_names = {id(m): name or "<model>" for name, m in model.named_modules(remove_duplicate=False)}
         self._mask: Tensor | None = None
@@ -330,8 +331,10 @@ class Estimator:
         grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
         with grad_ctx:
             probe.watch(batch_tensors(batch))
-            with cap, probe:
+            counter = ReadCounter(self.names) if self.mode == "local" else nullcontext()
+            with cap, probe, counter:
                 out = self.output_fn(self._call(batch))
+            self._local_reads = counter.counts if self.mode == "local" else None
             check_output(out, n)
             if self.mode == "global":
                 probe.mark_shared_outputs(masked_squared_norm(out, self._mask), retain_graph=True)
@@ -383,8 +386,10 @@ class Estimator:
             on_site=self._on_site,
             names=self.module_names,
         )
-        with cap:
+        counter = ReadCounter(self.names) if self.mode == "local" else nullcontext()
+        with cap, counter:
             out = self.output_fn(self._call(batch))
+        self._local_reads = counter.counts if self.mode == "local" else None
         check_output(out, n)
         return out, cap.sites
 
@@ -438,8 +443,12 @@ class Estimator:
         """Δ of the captured calls, checks, and the statistics of one batch."""
         grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
         key = self._signature
+        counts = None
         if self.mode == "global" and key is not None and not self.sharded:
             counts = read_counts(out)
+        elif self.mode == "local" and key is not None:
+            counts = self._local_reads
+        if counts is not None:
             planned = self._read_counts.setdefault(key, counts)
             if counts != planned:
                 self._read_counts.pop(key)

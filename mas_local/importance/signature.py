@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
+from torch.nn import Parameter
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .batches import plain
@@ -55,3 +57,34 @@ def read_counts(out: Tensor) -> dict[int, int]:
                 seen.add(child)
                 stack.append(child)
     return counts
+
+
+class ReadCounter(TorchFunctionMode):
+    """Local mode (no autograd graph to read): how many torch calls take each trainable parameter as an argument.
+
+    Cheap enough for every batch (one type check per argument); a batch whose counts differ from its plan's
+    batch reads the parameters elsewhere (a branch on values) and is planned again.
+    """
+
+    def __init__(self, names: dict[int, str]) -> None:
+        super().__init__()
+        self.names = names
+        self.counts: dict[int, int] = {}
+
+    def _see(self, a: Any) -> None:
+        if isinstance(a, Parameter):
+            key = id(a)
+            if key in self.names:
+                self.counts[key] = self.counts.get(key, 0) + 1
+        elif type(a) in (list, tuple):
+            for b in a:
+                if isinstance(b, Parameter):
+                    self._see(b)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for a in args:
+            self._see(a)
+        for a in kwargs.values():
+            self._see(a)
+        return func(*args, **kwargs)

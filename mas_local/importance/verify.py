@@ -60,7 +60,7 @@ def choose_subset(n: int, mask: Tensor | None, alone: bool, generator: torch.Gen
         return torch.zeros(1, dtype=torch.long)
     padded = mask is not None and not bool(mask.all())
     size = max(1, n // 2) if n < 3 else max(2, n // 2)
-    if padded:  # both samples of a pair: padding that leaks shows in the total even where rows coincide
+    if padded and alone:  # local: both samples of a pair, padding that leaks shows even where rows coincide
         size = max(size, 2)
     if padded or alone:
         size = min(size, MAX_ALONE)
@@ -68,11 +68,14 @@ def choose_subset(n: int, mask: Tensor | None, alone: bool, generator: torch.Gen
     # sample 0 alone cannot tell layouts apart, so it is chosen last
     rest = torch.randperm(n - 1, generator=generator) + 1
     order = torch.cat([rest, torch.zeros(1, dtype=torch.long)])
-    if padded:  # the most padded sample other than sample 0 (the last of equals) first: leaked padding shows
+    if padded:  # the most padded samples first (the last of equals; one other than sample 0 if it is padded)
         lengths = mask.sum(1).cpu()
+        first = [int((lengths == lengths.min()).nonzero().max())]
         others = lengths[1:]
-        most = 1 + int((others == others.min()).nonzero().max())
-        order = torch.cat([torch.tensor([most]), order[order != most]])
+        if bool((others < mask.shape[1]).any()):
+            first.insert(0, 1 + int((others == others.min()).nonzero().max()))
+        picked = list(dict.fromkeys(first + order.tolist()))
+        order = torch.tensor(picked, dtype=torch.long)
     return order[:size].sort().values
 
 
