@@ -331,10 +331,10 @@ class Estimator:
         grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
         with grad_ctx:
             probe.watch(batch_tensors(batch))
-            counter = ReadCounter(self.names) if self.mode == "local" else nullcontext()
+            counter = ReadCounter(self.names) if self.mode == "local" and not self.sharded else nullcontext()
             with cap, probe, counter:
                 out = self.output_fn(self._call(batch))
-            self._local_reads = counter.counts if self.mode == "local" else None
+            self._local_reads = getattr(counter, "counts", None)
             check_output(out, n)
             if self.mode == "global":
                 probe.mark_shared_outputs(masked_squared_norm(out, self._mask), retain_graph=True)
@@ -386,10 +386,10 @@ class Estimator:
             on_site=self._on_site,
             names=self.module_names,
         )
-        counter = ReadCounter(self.names) if self.mode == "local" else nullcontext()
+        counter = ReadCounter(self.names) if self.mode == "local" and not self.sharded else nullcontext()
         with cap, counter:
             out = self.output_fn(self._call(batch))
-        self._local_reads = counter.counts if self.mode == "local" else None
+        self._local_reads = getattr(counter, "counts", None)
         check_output(out, n)
         return out, cap.sites
 

@@ -271,7 +271,8 @@ def _engine_hebbian(est: Any, sites: list, members: Tensor, mask: Tensor) -> dic
             x, y = s.x, s.judged_output
             if s.batched:
                 real = aligned_mask(x, s.x_dim, mask, features=True)
-                real = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if real is None else real
+                if real is None:
+                    real = torch.ones(*x.shape[:-1], 1, dtype=torch.bool, device=x.device)
                 real = real.expand(*x.shape[:-1], 1)[..., 0]
                 xs = s.batch_first(x, s.x_dim).reshape(n, -1, x.shape[-1])[members]
                 ys = s.batch_first(y, s.out_dims[0]).reshape(n, -1, y.shape[-1])[members]
