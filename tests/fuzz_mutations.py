@@ -4,7 +4,11 @@ MAS_FUZZ_REPORT, and its outcomes are compared with the unmutated library's. A m
 when some run that was exact on the unmutated library is wrong or crashes with the mutation (the
 engine may already fail other runs; those do not count).
 
-    PYTHONPATH=. MAS_LOCAL_NO_EXT=1 python tests/fuzz_mutations.py [--n MODELS]
+The fuzz runs use ``verify="off"`` by default: the library's self-check corrects a mutant like these (the
+batch fails the identity and is computed one sample at a time), so with it on the mutants come out exact;
+``--verify first`` shows that too.
+
+    PYTHONPATH=. MAS_LOCAL_NO_EXT=1 python tests/fuzz_mutations.py [--n MODELS] [--verify off|first]
 """
 
 from __future__ import annotations
@@ -39,8 +43,15 @@ MUTATIONS = {
 }
 
 
-def run_fuzz(pythonpath: str, n: int, report: Path) -> int:
-    env = dict(os.environ, PYTHONPATH=pythonpath, MAS_FUZZ_N=str(n), MAS_FUZZ_REPORT=str(report), MAS_LOCAL_NO_EXT="1")
+def run_fuzz(pythonpath: str, n: int, report: Path, verify: str = "off") -> int:
+    env = dict(
+        os.environ,
+        PYTHONPATH=pythonpath,
+        MAS_FUZZ_N=str(n),
+        MAS_FUZZ_REPORT=str(report),
+        MAS_LOCAL_NO_EXT="1",
+        MAS_FUZZ_VERIFY=verify,
+    )
     # cwd outside the worktree and --import-mode=append: the mutant copy first on sys.path stays first
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=append"]
     cmd += ["--rootdir", str(ROOT), str(ROOT / "tests/test_fuzz.py"), "-k", "test_fuzz["]
@@ -58,11 +69,12 @@ def outcomes(report: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=int(os.environ.get("MAS_FUZZ_N", "60")))
+    ap.add_argument("--verify", default="off", choices=("off", "first", "every"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base_report = tmp / "baseline.jsonl"
-        run_fuzz(str(ROOT), args.n, base_report)
+        run_fuzz(str(ROOT), args.n, base_report, args.verify)
         base = outcomes(base_report)
         assert {r["lib"] for r in base.values()} == {str(ROOT / "mas_local")}
         print(f"baseline: {len(base)} runs, {sum(r['outcome'] == 'exact' for r in base.values())} exact")
@@ -75,7 +87,7 @@ def main() -> int:
             assert text.count(old) == 1, f"{name}: the line to mutate is not in {rel} (once)"
             target.write_text(text.replace(old, new))
             report = tmp / f"mutant{i}.jsonl"
-            run_fuzz(f"{pkg}{os.pathsep}{ROOT}", args.n, report)
+            run_fuzz(f"{pkg}{os.pathsep}{ROOT}", args.n, report, args.verify)
             got = outcomes(report)
             libs = {r["lib"] for r in got.values()}
             assert libs == {str(pkg / "mas_local")}, f"the fuzz run did not import the mutant: {libs}"

@@ -9,7 +9,8 @@ Each run is classified:
 The test asserts 0 wrong and 0 crash.
 
 Environment: MAS_FUZZ_N (models, default 200: 1,600 runs), MAS_FUZZ_SEED (base seed, default 0),
-MAS_FUZZ_REPORT (a path: write every run's outcome as JSON lines, used by tests/fuzz_mutations.py).
+MAS_FUZZ_REPORT (a path: write every run's outcome as JSON lines, used by tests/fuzz_mutations.py),
+MAS_FUZZ_VERIFY (the library's verify=, default "first"; "off" runs the engine without its self-check).
 
 Reproduce one run:  PYTHONPATH=. MAS_LOCAL_NO_EXT=1 python -m tests.test_fuzz SEED MODE-ESTIMATOR [converted]
 """
@@ -32,6 +33,8 @@ from tests import fuzz_oracles, oracles
 from tests.fuzz_grammar import build_case
 
 N = int(os.environ.get("MAS_FUZZ_N", "200"))
+# the library's self-check (on by default, as users run it); "off" tests the engine without its safety net
+VERIFY = os.environ.get("MAS_FUZZ_VERIFY", "first")
 BASE = int(os.environ.get("MAS_FUZZ_SEED", "0"))
 CHUNK = 5
 RUNS = [("global", "sample"), ("global", "batch"), ("local", "hebbian"), ("local", "sample")]
@@ -92,7 +95,13 @@ def run_one(case, mode, estimator, converted, want):
     }
     try:
         got = ml.compute_importance(
-            model, case.data, mode=mode, estimator=estimator, chunk_bytes=case.chunk_bytes, progress=False
+            model,
+            case.data,
+            mode=mode,
+            estimator=estimator,
+            chunk_bytes=case.chunk_bytes,
+            progress=False,
+            verify=VERIFY,
         )
     except ImportanceError as exc:
         msg = str(exc)
@@ -238,7 +247,7 @@ def _main(argv):
     want = fuzz_oracles.ORACLES[(mode, estimator)](case, case.model)
     model = ml.convert(copy.deepcopy(case.model)) if converted else case.model
     got = ml.compute_importance(
-        model, case.data, mode=mode, estimator=estimator, chunk_bytes=case.chunk_bytes, progress=False
+        model, case.data, mode=mode, estimator=estimator, chunk_bytes=case.chunk_bytes, progress=False, verify=VERIFY
     )
     for n in wrong_params(got, want):
         print(f"{n}:\n  got  {got[n].double().flatten()[:6].tolist()}\n  want {want[n].flatten()[:6].tolist()}")

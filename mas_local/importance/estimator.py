@@ -30,30 +30,28 @@ from .accumulator import Accumulator
 from .activations import resolve_activations
 from .batches import (
     batch_size,
-    batch_tensors,
     call_model,
     check_batch,
     default_output_fn,
     position_mask,
     sequence_length,
     slice_batch,
-    unpadded,
 )
 from .capture import Capture, Site
 from .deltas import global_deltas, local_deltas
+from .fallbacks import global_batch, refusal, update_alone
 from .guards import (
     check_checkpointing,
     check_output,
     preserved_buffers,
-    preserved_state,
     without_kv_cache,
 )
 from .layouts import is_sequence_first
-from .masks import masked_squared_norm
-from .plan import Plan, UsageProbe, registration_plan
+from .plan import Plan
+from .planning import first_batch, make_plan
 from .reduction import reduce_sites
-from .signature import ReadCounter, batch_signature, read_counts
-from .statistics import Statistics, all_finite
+from .signature import PlanBook, ReadCounter, batch_signature, read_counts
+from .statistics import Statistics
 from .verify import VerificationFailed, verify_batch
 
 log = logging.getLogger("mas_local")
@@ -119,10 +117,7 @@ class Estimator:
         self.stats = self.make_statistics()
         self.acc = Accumulator(config, self.stats)
         self.plan: Plan | None = None  # the plan of the current batch's signature
-        self._plans: dict[tuple, Plan] = {}  # batch signature -> plan (docs/math.md, "Which rows belong to ...")
-        self._read_counts: dict[tuple, dict[int, int]] = {}  # global: graph reads of each parameter per plan
-        self._verified: set[tuple] = set()  # signatures (with the calls' layouts) whose first batch was checked
-        self._alone: set[tuple] = set()  # signatures whose samples are run one by one (the check failed)
+        self.book = PlanBook()  # plans per batch signature (docs/math.md, "Which rows belong to which sample")
         self._signature: tuple | None = None
         self._replanned = False
         self._local_reads: dict[int, int] | None = None  # local mode: the last forward's parameter reads
@@ -205,26 +200,30 @@ class Estimator:
         self.stats.samples += n
         self.stats.batches += 1
 
+    def update_piece(self, batch: Any, n: int) -> None:
+        """One batch, or one piece of it (micro-batches, samples run alone), into the statistics."""
+        self._update_one(batch, n)
+
     def _update_one(self, batch: Any, n: int) -> None:
         self.batch_samples = n
         self._mask = position_mask(self.config.mask, batch, n)
         self._positions = sequence_length(batch, self._mask)
         if self.mode == "global" and self.estimator == "batch" and self.batch_by_autograd:
-            self._global_batch(batch, n)
+            global_batch(self, batch, n)
             return
         key = self._signature = batch_signature(batch, n, self._positions)
-        if key in self._alone:
-            self._update_alone(batch, n)
+        if key in self.book.alone:
+            update_alone(self, batch, n)
             return
         try:
             self._update_planned(batch, n, key)
         except _Replan:  # global: this batch reads parameters where the plan's batch did not
-            self._plans.pop(key, None)
+            self.book.forget(key)
             self._update_planned(batch, n, key, replanned=True)
         except (VerificationFailed, LayoutError) as failed:
             if n == 1:
-                raise (self._refusal(failed) if isinstance(failed, VerificationFailed) else failed) from None
-            self._alone.add(key)
+                raise (refusal(self, failed) if isinstance(failed, VerificationFailed) else failed) from None
+            self.book.alone.add(key)
             what = ", ".join(failed.mismatches) if isinstance(failed, VerificationFailed) else str(failed)
             self.notice_once(
                 ("alone", key),
@@ -232,43 +231,18 @@ class Estimator:
                 "computed one sample at a time (exact, slower)",
                 what,
             )
-            self._update_alone(batch, n)
+            update_alone(self, batch, n)
 
     def _update_planned(self, batch: Any, n: int, key: tuple, replanned: bool = False) -> None:
         self._replanned = replanned
-        self.plan = self._plans.get(key)
+        self.plan = self.book.plan(key)
         if self.plan is None and not self.sharded and not self._any_training:
-            self._first_batch(batch, n)
+            first_batch(self, batch, n)
         else:
             if self.plan is None:
-                self.plan = self._make_plan(batch, n)
+                self.plan = make_plan(self, batch, n)
             self._update_through_sites(batch, n)
-        self._plans[key] = self.plan
-
-    def _update_alone(self, batch: Any, n: int) -> None:
-        """Each sample alone, cut to its real positions: every row of every call is that sample's."""
-        mask = self._mask
-        for k in range(n):
-            piece = slice_batch(batch, k, k + 1, n)
-            if mask is not None:
-                piece = unpadded(piece, mask[k].cpu())
-            self._update_one(piece, 1)
-        self.batch_samples = n
-
-    def _refusal(self, failed: VerificationFailed) -> ImportanceError:
-        lines = [
-            f"{name} (computed at '{path}', relative error {err:.2g})"
-            for name, (err, path) in failed.mismatches.items()
-        ]
-        other = "mode='global', estimator='batch'" if self.mode == "global" else "mode='local', estimator='batch'"
-        what = "output norm" if self.mode == "global" else "module outputs"
-        return ImportanceError(
-            "the self-check failed: per-sample gradients summed over a subset of the samples do not equal "
-            f"autograd's gradient of that subset's {what}, even with each sample run alone, for: "
-            + "; ".join(lines)
-            + ". The model may mix the samples of a batch (or depend on the batch size); use "
-            f"{other}, which needs no per-sample split, or freeze these parameters (requires_grad=False)"
-        )
+        self.book.keep(key, self.plan)
 
     def site_path_of(self, pid: int) -> str:
         """The module path(s) where the parameter with this id is computed in the current plan."""
@@ -278,89 +252,6 @@ class Estimator:
             if any(id(p) == pid for _, params in sp.groups for p in params.values())
         ]
         return ", ".join(paths) or "?"
-
-    def _make_plan(self, batch: Any, n: int) -> Plan:
-        if self.sharded:  # FSDP2 swaps parameter objects during the forward: plan by registration
-            plan = registration_plan(self.model, self.params)
-        else:
-            probe = UsageProbe(self.model, self.params, n, self._positions, self.mode)
-            grad = torch.enable_grad() if self.mode == "global" else torch.no_grad()
-            with preserved_state(self.model), grad:
-                probe.watch(batch_tensors(batch))  # everything the user passes, whatever forward_fn reads
-                with probe:
-                    out = self.output_fn(self._call(batch))
-                check_output(out, n)
-                if self.mode == "global":
-                    probe.mark_shared_outputs(masked_squared_norm(out, self._mask))
-            plan = probe.plan(self.params)
-            if plan.expand:  # checked on this batch's capture: expanding must not change the model's output
-                self._probe, self._probe_out = probe, out.detach()
-        self._refuse_unreachable(plan)
-        return plan
-
-    def _refuse_unreachable(self, plan: Plan) -> None:
-        if plan.unreachable:
-            raise ImportanceError(
-                f"no exact {self.mode} '{self.estimator}' importance for {sorted(plan.unreachable)}: they are read "
-                "outside any module call of the model that carries the batch (for example in output_fn, or only "
-                "in modules whose inputs or outputs are shared by the batch). Use mode='global', estimator='batch' "
-                "(one autograd pass over the whole model), or freeze them (requires_grad=False)"
-            )
-
-    def _first_batch(self, batch: Any, n: int) -> None:
-        """The first batch in eval mode: the usage probe rides along with the capture of the likely sites (the
-        modules that register a trainable parameter), so planning costs no forward of its own. Falls back to a
-        planned re-run of the batch when the plan needs another module (a parameter read outside the module
-        that registers it), expands shared calls, or the model changes planned captures in place."""
-        probe = UsageProbe(self.model, self.params, n, self._positions, self.mode)
-        trainable = set(self.names)
-        likely = [
-            m for m in self.model.modules() if any(id(p) in trainable for p in m._parameters.values() if p is not None)
-        ]
-        cap = Capture(
-            self.model,
-            likely,
-            n,
-            positions=self._positions,
-            alias=self.mode == "global",
-            layout_modules=self._layout_modules,
-            names=self.module_names,
-        )
-        if self.mode == "local":  # an in-place change of a captured tensor copies it first (no re-run)
-            cap.track_writes, probe.before_write = True, cap.copy_on_write
-        grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
-        with grad_ctx:
-            probe.watch(batch_tensors(batch))
-            counter = ReadCounter(self.names) if self.mode == "local" and not self.sharded else nullcontext()
-            with cap, probe, counter:
-                out = self.output_fn(self._call(batch))
-            self._local_reads = getattr(counter, "counts", None)
-            check_output(out, n)
-            if self.mode == "global":
-                probe.mark_shared_outputs(masked_squared_norm(out, self._mask), retain_graph=True)
-        plan = probe.plan(self.params)
-        self._refuse_unreachable(plan)
-        self.plan = plan
-        sites = [s for s in cap.sites if id(s.module) in plan.sites]
-        changed = {(id(s.module), part) for s in sites for part in s.changed_parts()}
-        copied = {key for key in cap.copied if key[0] in plan.sites}
-        if copied:  # copied before the write on this batch; from the next one on, captured as copies
-            self._clone_modules |= copied
-            self.notice_once("inplace", "a layer input or output is modified in place; capturing copies of it")
-        captured = {id(m) for m in likely}
-        if plan.expand or changed or any(key not in captured for key in plan.sites):
-            self._clone_modules |= changed
-            if changed:
-                self.notice_once("inplace", "a layer input or output is modified in place; capturing copies of it")
-            if plan.expand:
-                self._probe, self._probe_out = probe, out.detach()
-            self._update_through_sites(batch, n)
-            return
-        for s in sites:
-            for i in plan.shared_leaves.get(id(s.module), ()):
-                if i < len(s.in_dims):
-                    s.in_dims[i] = None
-        self._reduce_captured(out, sites, batch)
 
     def _on_site(self, site: Site) -> None:
         if not self.sharded:
@@ -449,9 +340,8 @@ class Estimator:
         elif self.mode == "local" and key is not None:
             counts = self._local_reads
         if counts is not None:
-            planned = self._read_counts.setdefault(key, counts)
-            if counts != planned:
-                self._read_counts.pop(key)
+            if not self.book.same_reads(key, counts):
+                self.book.forget(key)
                 if self._replanned:
                     raise ImportanceError("the parameters' reads change between two runs of the same batch")
                 raise _Replan
@@ -473,9 +363,9 @@ class Estimator:
                 self._global_deltas(out, sites)
         if batch is not None and self.config.verify != "off" and self.estimator != "batch" and not self.sharded:
             layouts = (key, tuple((id(s.module), tuple(s.in_dims), tuple(s.out_dims)) for s in sites))
-            if self.config.verify == "every" or layouts not in self._verified:
+            if self.config.verify == "every" or self.book.needs_check(layouts):
                 verify_batch(self, batch, sites, self.batch_samples, self._mask)
-                self._verified.add(layouts)
+                self.book.checked(layouts)
         # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
         # no autograd history for the statistics (the generic rule's torch.func transforms ignore no_grad)
         with torch.autocast(self._device_type, enabled=False), torch.no_grad():
@@ -486,32 +376,3 @@ class Estimator:
 
     def _global_deltas(self, out: Tensor, sites: list[Site]) -> None:
         global_deltas(self, out, sites)
-
-    def _global_batch(self, batch: Any, n: int) -> None:
-        with torch.enable_grad():
-            out = self.output_fn(self._call(batch))
-            check_output(out, n)
-            loss = masked_squared_norm(out, self._mask)
-            if not loss.requires_grad:
-                raise ImportanceError("the model output does not depend on any trainable parameter")
-            grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
-        mask = self._mask
-        if mask is not None and not bool(mask.all()) and not all(g is None or all_finite(g) for g in grads):
-            # the model's own backward is not finite on padding (a softmax over a row it masks entirely, then
-            # zeroed): g_B = Σ_k g_k, each sample alone and unpadded, as the definition has it
-            grads = self._sum_alone(batch, n)
-        for p, g in zip(self.params.values(), grads):
-            if g is not None:
-                self.stats.add_sum(p, g.float().abs() / n)  # |g_B| / b_B: every batch weighs the same
-        self.stats.count_all(1)
-
-    def _sum_alone(self, batch: Any, n: int) -> list[Tensor | None]:
-        params = list(self.params.values())
-        total: list[Tensor | None] = [None] * len(params)
-        for k in range(n):
-            piece = unpadded(slice_batch(batch, k, k + 1, n), self._mask[k].cpu())
-            with torch.enable_grad():
-                out = self.output_fn(self._call(piece))
-                grads = torch.autograd.grad(masked_squared_norm(out, None), params, allow_unused=True)
-            total = [t if g is None else (g if t is None else t + g) for t, g in zip(total, grads)]
-        return total

@@ -88,3 +88,36 @@ class ReadCounter(TorchFunctionMode):
         for a in kwargs.values():
             self._see(a)
         return func(*args, **kwargs)
+
+
+class PlanBook:
+    """The plans of one pass, each kept under the batch signature it was made for, with what was learned about
+    that signature: the parameters' reads on its planning batch, which call layouts passed the self-check, and
+    whether its batches are computed one sample at a time."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple, Any] = {}
+        self._reads: dict[tuple, dict[int, int]] = {}
+        self._checked: set[tuple] = set()
+        self.alone: set[tuple] = set()
+
+    def plan(self, key: tuple) -> Any:
+        return self._plans.get(key)
+
+    def keep(self, key: tuple, plan: Any) -> None:
+        self._plans[key] = plan
+
+    def forget(self, key: tuple) -> None:
+        self._plans.pop(key, None)
+        self._reads.pop(key, None)
+
+    def same_reads(self, key: tuple, counts: dict[int, int]) -> bool:
+        """Whether a batch reads the parameters as the signature's planning batch did (the first counts given
+        for a signature are its planning batch's)."""
+        return self._reads.setdefault(key, counts) == counts
+
+    def needs_check(self, layouts: tuple) -> bool:
+        return layouts not in self._checked
+
+    def checked(self, layouts: tuple) -> None:
+        self._checked.add(layouts)

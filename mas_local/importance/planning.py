@@ -1,0 +1,107 @@
+"""Making a plan for a batch signature: the usage probe (``docs/math.md``, "Where each parameter is computed").
+
+``first_batch``: in eval mode the probe rides along with the capture of the likely sites, so planning
+costs no forward of its own; ``make_plan``: a forward of its own (train mode, or the registration plan
+under FSDP2).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from ..errors import ImportanceError
+from .batches import batch_tensors
+from .capture import Capture
+from .guards import check_output, preserved_state
+from .masks import masked_squared_norm
+from .plan import Plan, UsageProbe, registration_plan
+from .signature import ReadCounter
+
+
+def make_plan(est, batch: Any, n: int) -> Plan:
+    if est.sharded:  # FSDP2 swaps parameter objects during the forward: plan by registration
+        plan = registration_plan(est.model, est.params)
+    else:
+        probe = UsageProbe(est.model, est.params, n, est._positions, est.mode)
+        grad = torch.enable_grad() if est.mode == "global" else torch.no_grad()
+        with preserved_state(est.model), grad:
+            probe.watch(batch_tensors(batch))  # everything the user passes, whatever forward_fn reads
+            with probe:
+                out = est.output_fn(est._call(batch))
+            check_output(out, n)
+            if est.mode == "global":
+                probe.mark_shared_outputs(masked_squared_norm(out, est._mask))
+        plan = probe.plan(est.params)
+        if plan.expand:  # checked on this batch's capture: expanding must not change the model's output
+            est._probe, est._probe_out = probe, out.detach()
+    refuse_unreachable(est, plan)
+    return plan
+
+
+def refuse_unreachable(est, plan: Plan) -> None:
+    if plan.unreachable:
+        raise ImportanceError(
+            f"no exact {est.mode} '{est.estimator}' importance for {sorted(plan.unreachable)}: they are read "
+            "outside any module call of the model that carries the batch (for example in output_fn, or only "
+            "in modules whose inputs or outputs are shared by the batch). Use mode='global', estimator='batch' "
+            "(one autograd pass over the whole model), or freeze them (requires_grad=False)"
+        )
+
+
+def first_batch(est, batch: Any, n: int) -> None:
+    """The first batch in eval mode: the usage probe rides along with the capture of the likely sites (the
+    modules that register a trainable parameter), so planning costs no forward of its own. Falls back to a
+    planned re-run of the batch when the plan needs another module (a parameter read outside the module
+    that registers it), expands shared calls, or the model changes planned captures in place."""
+    probe = UsageProbe(est.model, est.params, n, est._positions, est.mode)
+    trainable = set(est.names)
+    likely = [
+        m for m in est.model.modules() if any(id(p) in trainable for p in m._parameters.values() if p is not None)
+    ]
+    cap = Capture(
+        est.model,
+        likely,
+        n,
+        positions=est._positions,
+        alias=est.mode == "global",
+        layout_modules=est._layout_modules,
+        names=est.module_names,
+    )
+    if est.mode == "local":  # an in-place change of a captured tensor copies it first (no re-run)
+        cap.track_writes, probe.before_write = True, cap.copy_on_write
+    grad_ctx = torch.enable_grad() if est.mode == "global" else torch.no_grad()
+    with grad_ctx:
+        probe.watch(batch_tensors(batch))
+        counter = ReadCounter(est.names) if est.mode == "local" and not est.sharded else nullcontext()
+        with cap, probe, counter:
+            out = est.output_fn(est._call(batch))
+        est._local_reads = getattr(counter, "counts", None)
+        check_output(out, n)
+        if est.mode == "global":
+            probe.mark_shared_outputs(masked_squared_norm(out, est._mask), retain_graph=True)
+    plan = probe.plan(est.params)
+    refuse_unreachable(est, plan)
+    est.plan = plan
+    sites = [s for s in cap.sites if id(s.module) in plan.sites]
+    changed = {(id(s.module), part) for s in sites for part in s.changed_parts()}
+    copied = {key for key in cap.copied if key[0] in plan.sites}
+    if copied:  # copied before the write on this batch; from the next one on, captured as copies
+        est._clone_modules |= copied
+        est.notice_once("inplace", "a layer input or output is modified in place; capturing copies of it")
+    captured = {id(m) for m in likely}
+    if plan.expand or changed or any(key not in captured for key in plan.sites):
+        est._clone_modules |= changed
+        if changed:
+            est.notice_once("inplace", "a layer input or output is modified in place; capturing copies of it")
+        if plan.expand:
+            est._probe, est._probe_out = probe, out.detach()
+        est._update_through_sites(batch, n)
+        return
+    for s in sites:
+        for i in plan.shared_leaves.get(id(s.module), ()):
+            if i < len(s.in_dims):
+                s.in_dims[i] = None
+    est._reduce_captured(out, sites, batch)
