@@ -248,8 +248,10 @@ def penalty_grad_(grads, params, anchors, omegas, lam: float) -> torch.Tensor:
                 BLOCK=BLOCK, ITERS=ITERS, num_warps=8,
             )
         for slot, g, p, a, o in by_reference:
-            diff = p.detach().float() - a.float()  # the reference's arithmetic, for this tensor alone
-            weighted = o.float() * diff
+            # the reference's arithmetic, for this tensor alone: in float64 (θ − θ* before rounding)
+            wide = torch.float64 if p.dtype == torch.float64 else torch.float32
+            diff = p.detach().to(wide) - a.to(wide)
+            weighted = o.to(wide) * diff
             g.add_((2.0 * lam * weighted).to(g.dtype))
             partials[slot : slot + 1].copy_((weighted * diff).sum(dtype=torch.float64).reshape(1))
         _final_sum_kernel[(1,)](partials, slots, float(lam), out, BLOCK=RED_BLOCK, num_warps=4)

@@ -63,7 +63,7 @@ class MAS:
     module's names;
     FSDP2 parameters get Ω and θ* sharded like themselves. ``omega_dtype``
     (float32 or bfloat16) is the storage dtype of the accumulated Ω; estimation
-    always accumulates in float32. θ* keeps each parameter's dtype.
+    accumulates in float32 (float64 for float64 parameters). θ* keeps each parameter's dtype.
 
     ``activation`` (local mode): judge Linear/Conv layers by ``act(y)`` rather than
     their pre-activation ``y``; one callable, or ``{module name or glob: callable}``.
@@ -345,7 +345,8 @@ class MAS:
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         total = torch.zeros((), device=device, dtype=torch.float32)
         for _, p, anchor, omega in self._terms():  # parameters may sit on several devices (device_map="auto")
-            total = total + (omega * (p.float() - anchor.float()).pow(2)).sum().to(device)
+            wide = torch.float64 if p.dtype == torch.float64 else torch.float32  # θ − θ* before rounding
+            total = total + (omega.to(wide) * (p.to(wide) - anchor.to(wide)).pow(2)).sum().to(device)
         return self.lam * total
 
     def add_penalty_grad_(self) -> Tensor:

@@ -52,7 +52,7 @@ def _close(omega, ref):
     assert omega.keys() == ref.keys()
     for k in ref:
         assert ref[k].abs().max() > 1e-3, k  # never compare zeros
-        assert omega[k].dtype == torch.float32 and omega[k].shape == ref[k].shape
+        assert omega[k].dtype in (torch.float32, torch.float64) and omega[k].shape == ref[k].shape
         torch.testing.assert_close(omega[k].double(), ref[k], rtol=1e-5, atol=1e-6 * ref[k].abs().max().item())
 
 

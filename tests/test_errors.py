@@ -175,7 +175,7 @@ def test_op_argument_errors():
     with pytest.raises(ValueError, match="expected a"):
         ml.ops.abs_gemm_acc_(torch.zeros(2, 3), torch.randn(4, 2), torch.randn(5, 3))
     with pytest.raises(TypeError, match="float32"):
-        ml.ops.abs_gemm_acc_(torch.zeros(2, 3, dtype=torch.float64), torch.randn(4, 2), torch.randn(4, 3))
+        ml.ops.abs_gemm_acc_(torch.zeros(2, 3, dtype=torch.float16), torch.randn(4, 2), torch.randn(4, 3))
     with pytest.raises(ValueError, match="shape"):
         ml.ops.per_sample_abs_acc_(torch.zeros(2, 2), torch.randn(3, 4, 2), torch.randn(3, 4, 3))
     with pytest.raises(ValueError, match="mismatched"):

@@ -22,7 +22,7 @@ def assert_close(got: dict, want: dict, rtol=1e-5):
     for name in want:
         w = want[name].double()
         g = got[name].double()
-        assert g.dtype == torch.float64 and got[name].dtype == torch.float32
+        assert got[name].dtype in (torch.float32, torch.float64)  # float64 exactly for float64 parameters
         scale = max(w.abs().max().item(), 1e-12)
         torch.testing.assert_close(g, w, rtol=rtol, atol=1e-6 * scale, msg=lambda m, n=name: f"{n}: {m}")
         assert w.abs().sum() > 0 or name.endswith("unused"), f"oracle is all zeros for {name}"
@@ -274,8 +274,8 @@ def test_input_changed_in_place_after_the_call(estimator):
         want = ml.compute_importance(twin, data, mode="local", estimator=estimator, progress=False)
         rows = [(x, twin.fc1(x), twin.fc2(twin.fc1(x))) for x in data]
         w_fc2, b_fc2 = oracles.hebbian_linear(torch.cat([h for _, h, _ in rows]), torch.cat([y for *_, y in rows]))
-        torch.testing.assert_close(got["fc2.weight"], w_fc2.float(), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(got["fc2.bias"], b_fc2.float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got["fc2.weight"], w_fc2, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got["fc2.bias"], b_fc2, rtol=1e-5, atol=1e-7)
     else:
         want = oracles.local(twin, data, estimator)
     assert_close(got, want)
@@ -474,3 +474,23 @@ def test_first_batch_probe_keeps_no_intermediate_alive():
     x = torch.randn(6, 5, dtype=torch.float64)
     ml.compute_importance(model, [x, x], mode="local", progress=False)
     assert model.alive_at_fc2 == [False, False]
+
+
+@pytest.mark.parametrize(
+    "mode,estimator", [("global", "sample"), ("global", "batch"), ("local", "hebbian"), ("local", "sample")]
+)
+def test_omega_dtype_follows_parameter_width(mode, estimator):
+    """Ω is float64 for float64 parameters and float32 otherwise, in every estimator: a float64 model whose
+    Ω is below float32's range (MobileViT's tiny global-batch Ω is ~1e-40) keeps it instead of rounding to 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e-30)  # layer 2: |y₂|, |h| ~ 1e-30 (the biases), so Ω ~ 1e-60: zero in float32
+    data = [torch.randn(b, 6, dtype=torch.float64) for b in (4, 3)]
+    omega64 = ml.compute_importance(model, data, mode, estimator, progress=False)
+    assert all(v.dtype == torch.float64 for v in omega64.values())
+    assert all(v.abs().max() > 0 for v in omega64.values())
+    assert omega64["2.weight"].abs().max() < 1e-45  # would be 0 in float32
+    omega32 = ml.compute_importance(model.float(), [x.float() for x in data], mode, estimator, progress=False)
+    assert all(v.dtype == torch.float32 for v in omega32.values())

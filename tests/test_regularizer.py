@@ -242,3 +242,27 @@ def test_penalty_and_fused_grad_compile_fullgraph():
     want = torch.autograd.grad(eager, list(model.parameters()))
     for p, w in zip(model.parameters(), want):
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "ext"])
+def test_float64_penalty_keeps_small_moves(backend):
+    """θ − θ* is taken in the parameter's dtype: a float64 weight at 1.0 moved by 1e-9 (below float32's
+    resolution at 1.0, ~6e-8) gives the exact 2λΩ·1e-9, from penalty() and from the fused gradient."""
+    if backend == "ext" and "ext" not in ml.ops.backend.available_backends("cpu"):
+        backend = "auto"  # without the extension, auto is what a user gets; the case is still checked
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    mas = ml.MAS(model, lam=1.0, backend=backend, progress=False)
+    mas.consolidate([torch.randn(3, 1, dtype=torch.float64)])
+    mas.importance["weight"].fill_(2.0)  # Ω = 2 (stored float32: exact)
+    with torch.no_grad():
+        model.weight.add_(1e-9)
+    pen = mas.penalty()
+    (g,) = torch.autograd.grad(pen, [model.weight])
+    assert g.dtype == torch.float64
+    torch.testing.assert_close(g, torch.full_like(g, 4e-9), rtol=1e-6, atol=0)
+    assert pen.item() == pytest.approx(2.0 * 1e-18, rel=1e-6)
+    model.weight.grad = None
+    mas.add_penalty_grad_()
+    torch.testing.assert_close(model.weight.grad, torch.full_like(g, 4e-9), rtol=1e-6, atol=0)

@@ -1,7 +1,7 @@
 """Data-parallel importance passes: wrappers, process groups, and the all-reduce of the statistics.
 
 Each rank runs the pass on its own share of the data; the sufficient statistics
-(float32 sums, counts, samples, batches, coverage) are then all-reduced, so every
+(float32 or float64 sums, counts, samples, batches, coverage) are then all-reduced, so every
 rank ends with the Ω a single process would get on all the data (up to float
 summation order). DDP / DataParallel wrappers and ``torch.compile`` are looked through:
 estimation runs on the inner module and parameters keep its names (``docs/distributed.md``).
@@ -63,7 +63,7 @@ def sync_statistics(stats, group: Any, bucket_bytes: int = SYNC_BUCKET_BYTES) ->
     """All-reduce a pass's :class:`~mas_local.importance.statistics.Statistics` over ``group`` in place.
 
     Every rank must call this with statistics of the same model and settings; the sums
-    travel in flat float32 buckets of at most ``bucket_bytes``. Sums that a subclass
+    travel in flat buckets (one per device and dtype) of at most ``bucket_bytes``. Sums that a subclass
     keeps sharded and reduced already (``presynced``) are skipped.
     """
     stats.flush()
@@ -72,17 +72,18 @@ def sync_statistics(stats, group: Any, bucket_bytes: int = SYNC_BUCKET_BYTES) ->
     for name in names:
         if name not in presynced:
             stats.sum_of(stats.params[name])  # ranks that never saw a parameter contribute zeros
-    by_device: dict[torch.device, list[str]] = {}
+    by_kind: dict[tuple[torch.device, torch.dtype], list[str]] = {}
     for name in names:
         if name not in presynced:
-            by_device.setdefault(stats.sums[name].device, []).append(name)
-    for names_on_device in by_device.values():
+            by_kind.setdefault((stats.sums[name].device, stats.sums[name].dtype), []).append(name)
+    for names_of_kind in by_kind.values():
         bucket: list[str] = []
         size = 0
-        for name in names_on_device + [None]:
-            if name is not None and (not bucket or size + 4 * stats.sums[name].numel() <= bucket_bytes):
+        for name in names_of_kind + [None]:
+            nbytes = 0 if name is None else stats.sums[name].numel() * stats.sums[name].element_size()
+            if name is not None and (not bucket or size + nbytes <= bucket_bytes):
                 bucket.append(name)
-                size += 4 * stats.sums[name].numel()
+                size += nbytes
                 continue
             flat = torch.cat([stats.sums[k].reshape(-1) for k in bucket])
             dist.all_reduce(flat, group=group)
@@ -91,7 +92,7 @@ def sync_statistics(stats, group: Any, bucket_bytes: int = SYNC_BUCKET_BYTES) ->
                 numel = stats.sums[k].numel()
                 stats.sums[k].copy_(flat[offset : offset + numel].view_as(stats.sums[k]))
                 offset += numel
-            bucket, size = ([name], 4 * stats.sums[name].numel()) if name is not None else ([], 0)
+            bucket, size = ([name], nbytes) if name is not None else ([], 0)
     device = shard_of(stats.params[names[0]]).device
     meta = torch.tensor(
         [stats.counts[k] for k in names]

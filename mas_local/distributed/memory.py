@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..importance.statistics import sum_dtype
 from .fsdp import is_dtensor, shard_of
 from .groups import SYNC_BUCKET_BYTES
 
@@ -70,7 +71,7 @@ def memory_report(mas) -> MemoryReport:
     Sizes are those of the stored tensors once consolidated (Ω in ``omega_dtype``,
     θ* in the parameter's dtype, local shards for sharded parameters); before the
     first consolidation they are what consolidation will allocate. ``estimation``
-    is the float32 sum the importance pass keeps per parameter (a local shard for
+    is the float32 sum (float64 for a float64 parameter) the importance pass keeps per parameter (a local shard for
     sharded parameters) — transient, freed after :meth:`consolidate`. ``workspace``
     per device bounds the rest: ``chunk_bytes`` of per-sample work, plus for FSDP2
     the pending full-size buffers (``SYNC_BUCKET_BYTES`` and the largest parameter).
@@ -93,7 +94,7 @@ def memory_report(mas) -> MemoryReport:
             if anchor_t is not None
             else local_numel * lp.element_size()
         )
-        est_b = 4 * (local_numel if is_dtensor(p) else numel)
+        est_b = sum_dtype(p).itemsize * (local_numel if is_dtensor(p) else numel)
         params[name] = {
             "numel": numel,
             "local_numel": local_numel,

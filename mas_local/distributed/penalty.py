@@ -18,7 +18,8 @@ def sharded_penalty(mas) -> Tensor:
     """
     parts: dict[tuple, Tensor] = {}
     for _, p, anchor, omega in mas._terms():
-        term = (shard_of(omega).float() * (shard_of(p).float() - shard_of(anchor).float()).pow(2)).sum()
+        wide = torch.float64 if p.dtype == torch.float64 else torch.float32  # θ − θ* before rounding
+        term = (shard_of(omega).to(wide) * (shard_of(p).to(wide) - shard_of(anchor).to(wide)).pow(2)).sum()
         key = tuple(shard_groups(p))
         parts[key] = parts[key] + term if key in parts else term
     if not parts:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..importance.estimator import Estimator
-from ..importance.statistics import Statistics
+from ..importance.statistics import Statistics, sum_dtype
 from .fsdp import DTensor, HoldUnsharded, is_dtensor, shard_like, shard_of
 from .groups import SYNC_BUCKET_BYTES
 
@@ -41,10 +41,10 @@ class ShardedStatistics(Statistics):
             return super().sum_of(p)
         buf = self._pending.get(name)
         if buf is None:
-            size = 4 * p.numel()
+            size = sum_dtype(p).itemsize * p.numel()
             if self._pending and self._pending_bytes + size > self.flush_bytes:
                 self.flush()
-            buf = self._pending[name] = torch.zeros(p.shape, dtype=torch.float32, device=shard_of(p).device)
+            buf = self._pending[name] = torch.zeros(p.shape, dtype=sum_dtype(p), device=shard_of(p).device)
             self._pending_bytes += size
         return buf
 
@@ -62,7 +62,7 @@ class ShardedStatistics(Statistics):
             p = self.params[name]
             full = flat[offset : offset + p.numel()].view(p.shape)
             offset += p.numel()
-            shard = shard_like(full, p).to_local()
+            shard = shard_like(full, p).to_local().to(sum_dtype(p))  # cat promotes a mixed bucket
             if name in self.sums:
                 self.sums[name].add_(shard)
             else:
@@ -73,9 +73,7 @@ class ShardedStatistics(Statistics):
         for name in self.presynced:
             p = self.params[name]
             omega = (
-                out[name]
-                if out[name].shape == shard_of(p).shape
-                else torch.zeros_like(shard_of(p), dtype=torch.float32)
+                out[name] if out[name].shape == shard_of(p).shape else torch.zeros_like(shard_of(p), dtype=sum_dtype(p))
             )
             out[name] = DTensor.from_local(omega, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
         return out

@@ -176,7 +176,7 @@ class Estimator:
         self.stats.load_state_dict(state)
 
     def result(self) -> dict[str, Tensor]:
-        """Ω per parameter name (float32, detached)."""
+        """Ω per parameter name (float32, or float64 for float64 parameters; detached)."""
         return self.stats.result(covers_all=self.mode == "global" and self.estimator == "batch")
 
     # -- one batch ----------------------------------------------------------------------

@@ -62,7 +62,7 @@ def global_batch(est, batch: Any, n: int) -> None:
         grads = sum_alone(est, batch, n)
     for p, g in zip(est.params.values(), grads):
         if g is not None:
-            est.stats.add_sum(p, g.float().abs() / n)  # |g_B| / b_B: every batch weighs the same
+            est.stats.add_sum(p, g.abs() / n)  # |g_B| / b_B: every batch weighs the same
     est.stats.count_all(1)
 
 

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ImportanceError
 from .capture import Site
-from .statistics import all_finite
+from .statistics import all_finite, widened
 
 
 def _saved_buffers(model: nn.Module) -> list:
@@ -123,6 +123,6 @@ def apply_activation(site: Site, act: Callable[[Tensor], Tensor]) -> None:
                 f"the activation for {type(site.module).__name__} must return a tensor of the layer's output "
                 f"shape {tuple(y.shape)}, got {tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}"
             )
-        (delta,) = torch.autograd.grad(0.5 * a.float().pow(2).sum(), leaf, allow_unused=True)
+        (delta,) = torch.autograd.grad(0.5 * widened(a).pow(2).sum(), leaf, allow_unused=True)
     site.activated = a.detach()
     site.deltas[0] = torch.zeros_like(y) if delta is None else delta

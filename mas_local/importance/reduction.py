@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .capture import Site, replicated
 from .plan import Plan
+from .statistics import sum_dtype
 
 
 def _has_delta(site: Site) -> bool:
@@ -123,7 +124,7 @@ def _shared_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[
                 into = {}
                 for name, p in mine.items():
                     if id(p) not in total:
-                        total[id(p)] = torch.zeros(k, *p.shape, dtype=torch.float32, device=p.device)
+                        total[id(p)] = torch.zeros(k, *p.shape, dtype=sum_dtype(p), device=p.device)
                     into[name] = total[id(p)]
                 if s.batched:
                     rule.add_per_sample_grads(acc, s, mine, rows, into)

@@ -1,4 +1,8 @@
-"""The sufficient statistics of an importance pass: a float32 sum and a count per parameter.
+"""The sufficient statistics of an importance pass: a sum and a count per parameter.
+
+Sums are float32, or float64 for a float64 parameter (:func:`sum_dtype`): never narrower than
+float32 whatever the compute dtype, and never narrower than the parameter, so that a float64
+model's Ω is not rounded (or underflowed) to float32.
 
 Ω = sum / count. What is summed and counted depends on the estimator
 (``docs/math.md``): ``sample`` adds Σ_k |g_k| and counts samples; ``batch`` adds
@@ -22,6 +26,16 @@ from ..errors import ImportanceError
 log = logging.getLogger("mas_local")
 
 CHECKPOINT_VERSION = 2  # 2: batch estimator sums |g_B|/b_B and counts batches
+
+
+def sum_dtype(p: Tensor) -> torch.dtype:
+    """The dtype Ω of ``p`` is accumulated and returned in: float64 for float64, float32 otherwise."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def widened(t: Tensor) -> Tensor:
+    """``t`` in the dtype statistics are computed in: float64 stays float64, anything else becomes float32."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def all_finite(t: Tensor) -> bool:
@@ -61,11 +75,12 @@ class Statistics:
         name = self.names[id(p)]
         s = self.sums.get(name)
         if s is None:
-            s = self.sums[name] = torch.zeros_like(p, dtype=torch.float32)  # p's memory format (channels_last)
+            s = self.sums[name] = torch.zeros_like(p, dtype=sum_dtype(p))  # p's memory format (channels_last)
         return s
 
     def add_sum(self, p: Tensor, value: Tensor) -> None:
-        self.sum_of(p).add_(value.to(torch.float32))
+        s = self.sum_of(p)
+        s.add_(value.to(s.dtype))
 
     def add_count(self, p: Tensor, count: int) -> None:
         self.counts[self.names[id(p)]] += int(count)
@@ -115,9 +130,16 @@ class Statistics:
         for name, t in state["sums"].items():
             p = self.params.get(name)
             shape = tuple(self.sum_shape(p)) if p is not None else None
-            if p is None or not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32:
+            # float32 sums of a float64 parameter: written before sums followed the parameter's width
+            widens = p is not None and t.dtype == torch.float32 and sum_dtype(p) == torch.float64
+            if (
+                p is None
+                or not isinstance(t, Tensor)
+                or tuple(t.shape) != shape
+                or (t.dtype != sum_dtype(p) and not widens)
+            ):
                 raise ValueError(f"checkpoint sums for {name!r} do not match the parameter")
-            sums[name] = t.to(p.device).clone()
+            sums[name] = t.to(device=p.device, dtype=sum_dtype(p)).clone()
         counts = state["counts"]
         if set(counts) != set(self.params):
             raise ValueError("checkpoint counts do not match the parameters")
@@ -130,7 +152,7 @@ class Statistics:
 
     # -- result -------------------------------------------------------------------
     def result(self, covers_all: bool = False) -> dict[str, Tensor]:
-        """Ω per parameter name (float32, detached). Raises if any value is not finite.
+        """Ω per parameter name (:func:`sum_dtype`, detached). Raises if any value is not finite.
 
         ``covers_all``: every parameter was computed (global batch through autograd), so none
         is reported as never run.
@@ -142,7 +164,7 @@ class Statistics:
         for name, p in self.params.items():
             s = self.sums.get(name)
             if s is None:
-                s = torch.zeros(self.sum_shape(p), dtype=torch.float32, device=p.device)
+                s = torch.zeros(self.sum_shape(p), dtype=sum_dtype(p), device=p.device)
             c = self.samples if name in self.sampled else self.counts[name]
             omega = (s / c if c > 0 else s.clone()).detach()
             if not all_finite(omega):

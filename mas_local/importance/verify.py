@@ -29,6 +29,7 @@ from .capture import Capture
 from .guards import preserved_state
 from .leaves import tensor_leaves
 from .masks import aligned_mask, masked_squared_norm
+from .statistics import widened as _wide
 
 VERIFY_CHOICES = ("first", "every", "off")
 MAX_ALONE = 2  # samples run alone (padded batches, local mode): the check's cost stays a fraction of a batch
@@ -88,11 +89,6 @@ def _runs(indices: list[int]) -> list[slice]:
         else:
             runs.append(slice(i, i + 1))
     return runs
-
-
-def _wide(g: Tensor) -> Tensor:
-    """float64 stays float64 (a float64 model is checked in float64); anything else becomes float32."""
-    return g if g.dtype == torch.float64 else g.float()
 
 
 def _checked(est: Any, rule: Any) -> bool:

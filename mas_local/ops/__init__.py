@@ -21,10 +21,14 @@ Parameters spread over several devices: :func:`penalty_grad_by_device`.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from .backend import resolve
+
+log = logging.getLogger("mas_local")
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PRECISIONS = ("accurate", "exact", "fast")
@@ -40,10 +44,24 @@ __all__ = [
 
 
 def _check_omega(omega: Tensor, shape: tuple[int, ...], what: str) -> None:
-    if omega.dtype != torch.float32:
-        raise TypeError(f"{what}: omega must be float32, got {omega.dtype}")
+    if omega.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{what}: omega must be float32 (or float64 for a float64 model), got {omega.dtype}")
     if tuple(omega.shape) != shape:
         raise ValueError(f"{what}: omega has shape {tuple(omega.shape)}, expected {shape}")
+
+
+_float64_noticed: set = set()
+
+
+def _backend_for(omega: Tensor, backend: str, what: str) -> str:
+    """A float64 Ω (a float64 model's) runs on the torch reference, in float64: the kernels are float32. A forced
+    kernel backend is then not what runs, which is logged once (as for any backend that runs something else)."""
+    if omega.dtype != torch.float64:
+        return backend
+    if backend not in ("auto", "torch") and backend not in _float64_noticed:
+        _float64_noticed.add(backend)
+        log.info("mas_local: %s: backend %r has no float64 path; a float64 omega runs on 'torch'", what, backend)
+    return "torch"
 
 
 def _check_operands(what: str, omega: Tensor, *operands: Tensor) -> None:
@@ -62,7 +80,8 @@ def _check_precision(what: str, precision: str) -> None:
 def _abs_gemm_acc(
     omega: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, backend: str = "auto", precision: str = "accurate"
 ) -> None:
-    """``omega[out, in] += alpha * |a|ᵀ |b|`` for a ``[R, out]``, b ``[R, in]``; omega float32.
+    """``omega[out, in] += alpha * |a|ᵀ |b|`` for a ``[R, out]``, b ``[R, in]``; omega float32 (float64: the
+    torch reference runs, in float64).
 
     ``precision``: ``"exact"``, ``"accurate"`` or ``"fast"`` (see the module docstring).
     """
@@ -71,7 +90,7 @@ def _abs_gemm_acc(
     _check_omega(omega, (a.shape[1], b.shape[1]), "abs_gemm_acc_")
     _check_operands("abs_gemm_acc_", omega, a, b)
     _check_precision("abs_gemm_acc_", precision)
-    _, impl = resolve("abs_gemm_acc", omega.device, backend)
+    _, impl = resolve("abs_gemm_acc", omega.device, _backend_for(omega, backend, "abs_gemm_acc_"))
     impl(omega, a, b, alpha, precision)
 
 
@@ -86,7 +105,8 @@ def _(omega, a, b, alpha=1.0, backend="auto", precision="accurate"):
 def _per_sample_abs_acc(
     omega: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, backend: str = "auto", precision: str = "accurate"
 ) -> None:
-    """``omega[out, in] += alpha * Σ_b |a_bᵀ b_b|`` for a ``[B, T, out]``, b ``[B, T, in]``; omega float32.
+    """``omega[out, in] += alpha * Σ_b |a_bᵀ b_b|`` for a ``[B, T, out]``, b ``[B, T, in]``; omega float32
+    (float64: the torch reference runs, in float64).
 
     ``precision`` as for :func:`abs_gemm_acc_` (no backend has an fp8 path for this op).
     """
@@ -97,7 +117,7 @@ def _per_sample_abs_acc(
     _check_omega(omega, (a.shape[2], b.shape[2]), "per_sample_abs_acc_")
     _check_operands("per_sample_abs_acc_", omega, a, b)
     _check_precision("per_sample_abs_acc_", precision)
-    _, impl = resolve("per_sample_abs_acc", omega.device, backend)
+    _, impl = resolve("per_sample_abs_acc", omega.device, _backend_for(omega, backend, "per_sample_abs_acc_"))
     impl(omega, a, b, alpha, precision)
 
 
@@ -160,13 +180,23 @@ def penalty_grad_(
 ) -> Tensor:
     """``grad += 2λ Ω (θ − θ*)`` for each tensor; returns ``λ Σ Ω (θ − θ*)²`` (0-d float32).
 
-    Ω may be float32 or bfloat16; θ* has θ's dtype; grads have θ's shape.
+    Ω may be float32 or bfloat16; θ* has θ's dtype; grads have θ's shape. θ − θ* is taken in float32, or in
+    float64 for float64 parameters (then the torch reference runs: the kernels are float32).
     """
     check_penalty_args(grads, params, anchors, omegas)
     if not params:
         return torch.zeros((), dtype=torch.float32)
+    if any(p.dtype == torch.float64 for p in params):  # the kernels compute θ − θ* in float32
+        backend = _float64_penalty_backend(backend)
     _, impl = resolve("penalty_grad", params[0].device, backend)
     return impl(grads, params, anchors, omegas, lam)
+
+
+def _float64_penalty_backend(backend: str) -> str:
+    if backend not in ("auto", "torch") and ("penalty", backend) not in _float64_noticed:
+        _float64_noticed.add(("penalty", backend))
+        log.info("mas_local: penalty_grad_: backend %r has no float64 path; float64 parameters run on 'torch'", backend)
+    return "torch"
 
 
 @penalty_grad_.register_fake

@@ -7,7 +7,7 @@ or ∂(½‖act(y)‖²)/∂y — in local mode), the parameters it must compute
 names relative to the module → parameters), and an accumulator ``acc``:
 
 ``acc.batch_samples``                      samples in the batch
-``acc.sum_of(p)``              the float32 sum kept for ``p`` (add to it in place)
+``acc.sum_of(p)``              the sum kept for ``p`` (float32; float64 for float64 ``p``) (add to it in place)
 ``acc.add_sum(p, value)``      ``sum_of(p) += value``
 ``acc.add_count(p, k)``        hebbian only: k more co-activation events for ``p``
 ``acc.chunks(n, bytes)``       slices of the batch whose work fits ``chunk_bytes``

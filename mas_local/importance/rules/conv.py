@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ... import ops
 from ...errors import LayoutError
+from ..statistics import widened
 from .base import Rule, work_dtype
 
 
@@ -50,8 +51,9 @@ def _padded(site) -> tuple[Tensor, tuple[int, int]]:
 
 
 def _operand(t: Tensor) -> Tensor:
-    """cuDNN takes 16-bit operands as they are (fp32 accumulation inside); elsewhere compute in fp32."""
-    return t if t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) else t.float()
+    """cuDNN takes 16-bit operands as they are (fp32 accumulation inside); elsewhere compute in fp32 (fp64 for
+    a float64 model)."""
+    return t if t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) else widened(t)
 
 
 def _as4d(t: Tensor, two_d: bool) -> Tensor:
@@ -116,7 +118,7 @@ class ConvRule(Rule):
         if w is not None and _grouped_on(xp.device):
             omega = acc.sum_of(w)
             for rows in acc.chunks(xp.shape[0], bytes_per_sample=8 * w.numel()):
-                g = _per_sample_weight_grads(m, xp[rows].float(), pad, d[rows])
+                g = _per_sample_weight_grads(m, widened(xp[rows]), pad, d[rows])
                 omega.add_(g.abs_().sum(0).view(omega.shape))
         elif w is not None:
             total = acc.sum_of(w)  # in the weight's memory format: a channels-last sum has no [O, C·k·k] view
@@ -131,7 +133,7 @@ class ConvRule(Rule):
             if omega.data_ptr() != total.data_ptr():
                 total.add_(omega.view(total.shape))
         if b is not None:
-            acc.add_sum(b, d.float().sum((2, 3)).abs().sum(0))
+            acc.add_sum(b, widened(d).sum((2, 3)).abs().sum(0))
 
     def batch_grads(self, acc, site, params):
         m = site.module
@@ -140,9 +142,9 @@ class ConvRule(Rule):
         d = _as4d(site.delta, two_d)
         out = {}
         if "weight" in params:
-            out["weight"] = _weight_grad(m, _operand(xp), d, pad).float().view(params["weight"].shape)
+            out["weight"] = widened(_weight_grad(m, _operand(xp), d, pad)).view(params["weight"].shape)
         if "bias" in params:
-            out["bias"] = d.float().sum((0, 2, 3))
+            out["bias"] = widened(d).sum((0, 2, 3))
         return out
 
     def add_hebbian(self, acc, site, params):
@@ -158,7 +160,7 @@ class ConvRule(Rule):
             acc.add_count(w, events)
         if "bias" in params:
             b = params["bias"]
-            acc.add_sum(b, y.float().abs().sum((0, 2, 3)))
+            acc.add_sum(b, widened(y).abs().sum((0, 2, 3)))
             acc.add_count(b, events)
 
     def per_sample_grads(self, acc, site, params, rows):

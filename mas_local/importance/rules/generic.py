@@ -17,6 +17,7 @@ from ...distributed.fsdp import without_fsdp_hooks
 from ...errors import ImportanceError, LayoutError
 from ..layouts import FLAT
 from ..leaves import tensor_leaves
+from ..statistics import sum_dtype
 from .base import Rule, work_dtype
 
 
@@ -137,7 +138,7 @@ class GenericRule(Rule):
             else:
                 grads = [None] * len(leaves)
         return {
-            name: (torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None else g)
+            name: (torch.zeros(p.shape, dtype=sum_dtype(p), device=p.device) if g is None else g)
             for name, p, g in zip(names, params.values(), grads)
         }
 

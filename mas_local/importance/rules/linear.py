@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ... import ops
+from ..statistics import widened
 from .base import Rule, work_dtype
 
 
@@ -43,7 +44,7 @@ class LinearRule(Rule):
                         acc.sum_of(w), *self._pair(d[rows], x[rows]), 1.0, acc.backend, acc.precision
                     )
         if b is not None:
-            acc.add_sum(b, d.float().sum(1).abs().sum(0))
+            acc.add_sum(b, widened(d).sum(1).abs().sum(0))
 
     def batch_grads(self, acc, site, params):
         # summed over every position of the batch: the layout does not matter
@@ -71,7 +72,7 @@ class LinearRule(Rule):
             acc.add_count(w, x2.shape[0])
         if "bias" in params:
             b = params["bias"]
-            acc.add_sum(b, y2.float().abs().sum(0))
+            acc.add_sum(b, widened(y2).abs().sum(0))
             acc.add_count(b, x2.shape[0])
 
     def per_sample_grads(self, acc, site, params, rows):
