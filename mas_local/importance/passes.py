@@ -58,17 +58,20 @@ def run_pass(
         from tqdm.auto import tqdm
 
         total = len(data) if hasattr(data, "__len__") else None
-        bar = tqdm(
-            data, total=total, desc=f"MAS {est.mode}/{est.estimator}", disable=None if progress else True, leave=False
-        )
-        for i, batch in enumerate(bar):
-            if i < start:
-                continue
-            if max_batches is not None and i >= max_batches:
-                break
-            est.update(batch)
-            if on_batch is not None:
-                on_batch(est)
+        # the bar only counts: given the data, tqdm.auto's asyncio flavour calls iter() on it in its constructor,
+        # which starts a DataLoader (its workers, a draw from the global generator) a second time
+        bar = tqdm(total=total, desc=f"MAS {est.mode}/{est.estimator}", disable=None if progress else True, leave=False)
+        try:
+            for i, batch in enumerate(data if max_batches is None or max_batches > start else ()):
+                if i >= start:
+                    est.update(batch)
+                    if on_batch is not None:
+                        on_batch(est)
+                bar.update(1)
+                if max_batches is not None and i + 1 >= max_batches:
+                    break  # before drawing another batch: a stream loses nothing past the limit
+        finally:
+            bar.close()
     finally:
         for m, training in was_training.items():
             m.training = training
@@ -141,8 +144,8 @@ def compute_importance(
             A batch that fails is computed one sample at a time; if that fails too, the pass raises.
 
     Returns:
-        ``{parameter name: Ω}``, float32, detached, on each parameter's device. Parameters
-        with ``requires_grad=False`` are left out (and logged). The definitions are in
+        ``{parameter name: Ω}``, float32 (float64 for a float64 parameter), detached, on each parameter's
+        device. Parameters with ``requires_grad=False`` are left out (and logged). The definitions are in
         ``docs/math.md``.
     """
     config = ImportanceConfig(
