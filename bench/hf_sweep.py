@@ -251,7 +251,9 @@ def write_markdown(results, path: Path, command: str, elapsed: float):
         " pad token, with an `attention_mask`; encoder-decoder models pad the encoder only and get 3 real"
         " `decoder_input_ids` per sample. Images and audio: float batches of 3 and 2 samples, no mask.",
         "",
-        "Checks (tolerance rtol 1e-5, atol 1e-6 × the largest |Ω| of the model):",
+        "Checks (tolerance rtol 1e-5, atol 1e-6 × the largest |Ω| of the model; for global batch, of the"
+        " global sample Ω, the size of the gradients whose sum it takes: a sum that cancels keeps their"
+        " rounding error, as in MobileViT's, whose output is about 1e-41):",
         "",
         '- **global sample**: `compute_importance(mode="global", estimator="sample")` on the padded batches'
         " against the brute-force loop over the *unpadded* samples, each alone: (1/N) Σ_k |∂‖f(x_k)‖²/∂θ|.",
