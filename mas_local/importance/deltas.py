@@ -24,6 +24,7 @@ def local_deltas(sites: list[Site], mask: Tensor | None, activation_of: dict) ->
         act = activation_of.get(id(s.module))
         if act is not None:
             apply_activation(s, act)
+        s.padded = mask is not None and not bool(mask.all())
         if mask is None or s.delta is None:
             continue
         m = aligned_mask(s.outputs[0], s.out_dims[0], mask, features=True)

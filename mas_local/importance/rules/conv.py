@@ -109,6 +109,17 @@ class ConvRule(Rule):
     relies_on = ("forward", "_conv_forward")
     hebbian = True
 
+    def check(self, acc, site, per_sample):
+        super().check(acc, site, per_sample)
+        if not per_sample and site.padded and acc.batch_samples > 1:
+            # Co-activation events are the output positions, whose padding is unknown here: a convolution over
+            # tokens is channels-first, and a causal one returns k − 1 positions more than the batch has (that a
+            # sample alone computes from its own zero padding). Exact: each sample alone, unpadded.
+            raise LayoutError(
+                f"module '{site.path}' ({type(site.module).__name__}) convolves over the positions of a padded "
+                "batch; which of its output positions are padding is unknown"
+            )
+
     def add_sample_abs(self, acc, site, params):
         m = site.module
         two_d, kernel, _, _ = _geometry(m)
