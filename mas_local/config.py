@@ -48,6 +48,9 @@ class ImportanceConfig:
     progress: show a tqdm bar (hidden off a terminal).
     verify: the self-check (``docs/math.md``): ``"first"`` (default) on the first batch of each batch
         signature, ``"every"`` batch, or ``"off"`` (``True``/``False`` mean ``"first"``/``"off"``).
+    stream: local mode: reduce each module call as soon as it returns and drop what was captured for it, so
+        that the pass needs about inference memory whatever the depth (``docs/performance.md``); ``False``
+        keeps every call of a batch until its forward ends. Ω is the same either way.
     sync / process_group: data-parallel passes (see ``docs/distributed.md``).
     """
 
@@ -64,6 +67,7 @@ class ImportanceConfig:
     eval_mode: bool = True
     progress: bool = True
     verify: str | bool = "first"
+    stream: bool = True
     sync: bool | None = None
     process_group: Any = None
 
@@ -111,6 +115,8 @@ class ImportanceConfig:
         if verify not in ("first", "every", "off"):
             raise ValueError(f"verify must be 'first', 'every', 'off', True or False, got {self.verify!r}")
         object.__setattr__(self, "verify", verify)
+        if not isinstance(self.stream, bool):
+            raise TypeError(f"stream must be True or False, got {self.stream!r}")
         if self.sync not in (None, True, False):
             raise ValueError(f"sync must be None, True or False, got {self.sync!r}")
 

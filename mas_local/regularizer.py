@@ -68,7 +68,8 @@ class MAS:
     ``activation`` (local mode): judge Linear/Conv layers by ``act(y)`` rather than
     their pre-activation ``y``; one callable, or ``{module name or glob: callable}``.
     ``precision`` (``"accurate"``/``"exact"``/``"fast"``) is the abs-GEMM operand precision on GPUs.
-    ``verify`` is the self-check of :func:`compute_importance` (``"first"``, ``"every"`` or ``"off"``).
+    ``verify`` is the self-check of :func:`compute_importance` (``"first"``, ``"every"`` or ``"off"``);
+    ``stream`` (local mode) reduces each module call as it returns (:func:`compute_importance`).
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class MAS:
         precision: str = "accurate",
         micro_batch: int | None = None,
         verify: str | bool = "first",
+        stream: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -108,6 +110,7 @@ class MAS:
             precision=precision,
             micro_batch=micro_batch,
             verify=verify,
+            stream=stream,
             progress=progress,
             sync=sync,
             process_group=process_group,

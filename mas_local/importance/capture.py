@@ -38,8 +38,10 @@ class Site:
     live: dict[str, Tensor] | None = None  # parameter values used, when not the registered ones (FSDP2)
     activated: Tensor | None = None  # local mode with a user activation: act(y)
     row_mask: Tensor | None = None  # local mode with a mask: which rows of x.reshape(-1, x.shape[-1]) count
+    padded: bool = False  # local mode: the batch has padding positions (its mask is not all True)
     targets: list[Tensor] = field(default_factory=list)  # global mode: what the rest of the model reads (Δ's targets)
     path: str = ""  # the module's qualified name in the model (for messages)
+    layout: tuple = ()  # (id(module), in_dims, out_dims) as captured: what the self-check's layouts compare
 
     @property
     def x(self) -> Tensor:
@@ -126,7 +128,8 @@ class Capture:
     mode) hands the rest of the
     model fresh aliases of the outputs (``site.targets``), so that Δ holds only the gradient that
     flows back from outside the module. ``on_site`` is called
-    with each new site (FSDP2 gathers parameter values there).
+    with each new site (FSDP2 gathers parameter values there); ``consume(site)`` returning ``True`` means
+    the site was reduced already and is not kept (local mode streaming).
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class Capture:
         layout_modules: list[nn.Module] = (),
         on_site: Callable[[Site], None] | None = None,
         names: dict[int, str] | None = None,
+        consume: Callable[[Site], bool] | None = None,
     ) -> None:
         self.model, self.modules, self.n = model, modules, n
         self.flat_rows = n * positions if positions is not None and positions > 1 else None
@@ -158,6 +162,7 @@ class Capture:
         self._handles: list = []
         self._wanted = {id(m) for m in modules}
         self.names = names or {}
+        self.consume = consume  # streaming: True when it reduced the site, which is then not kept
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if id(module) not in self._wanted:
@@ -209,6 +214,7 @@ class Capture:
         for i in self.shared_leaves.get(id(module), ()):
             if i < len(site.in_dims):
                 site.in_dims[i] = None
+        site.layout = (id(module), tuple(site.in_dims), tuple(site.out_dims))
         site.targets = [t for t in targets if isinstance(t, Tensor)]
         site.path = self.names.get(id(module), type(module).__name__)
         site.versions = [t._version for t in in_leaves if isinstance(t, Tensor)] + [t._version for t in outputs]
@@ -220,6 +226,8 @@ class Capture:
                 self._held.setdefault(id(t), []).append((site, "outputs"))
         if self.on_site is not None:
             self.on_site(site)
+        if self.consume is not None and self.consume(site):
+            return output
         self.sites.append(site)
         return output
 

@@ -16,6 +16,7 @@ Global ``batch`` skips all that: one ``autograd.grad`` of the batch's Σ_k‖f(x
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -52,6 +53,7 @@ from .planning import first_batch, make_plan
 from .reduction import reduce_sites
 from .signature import PlanBook, ReadCounter, batch_signature, read_counts
 from .statistics import Statistics
+from .streaming import Streamer, can_stream, undo
 from .verify import VerificationFailed, verify_batch
 
 log = logging.getLogger("mas_local")
@@ -121,6 +123,7 @@ class Estimator:
         self._signature: tuple | None = None
         self._replanned = False
         self._local_reads: dict[int, int] | None = None  # local mode: the last forward's parameter reads
+        self.read_counter: ReadCounter | None = None  # the one counting during the current forward
         self.verify_generator = torch.Generator().manual_seed(0)
         self.module_names = {id(m): name or "<model>" for name, m in model.named_modules(remove_duplicate=False)}
         self._mask: Tensor | None = None
@@ -216,10 +219,11 @@ class Estimator:
             update_alone(self, batch, n)
             return
         try:
-            self._update_planned(batch, n, key)
-        except _Replan:  # global: this batch reads parameters where the plan's batch did not
-            self.book.forget(key)
-            self._update_planned(batch, n, key, replanned=True)
+            try:
+                self._update_planned(batch, n, key)
+            except _Replan:  # this batch reads parameters where the plan's batch did not
+                self.book.forget(key)
+                self._update_planned(batch, n, key, replanned=True)
         except (VerificationFailed, LayoutError) as failed:
             if n == 1:
                 raise (refusal(self, failed) if isinstance(failed, VerificationFailed) else failed) from None
@@ -263,7 +267,7 @@ class Estimator:
     def _call(self, batch: Any) -> Any:
         return call_model(self.model, batch, self.config.forward_fn)
 
-    def _forward(self, batch: Any, n: int) -> tuple[Tensor, list[Site]]:
+    def _forward(self, batch: Any, n: int, consume: Callable[[Site], bool] | None = None) -> tuple[Tensor, list[Site]]:
         cap = Capture(
             self.model,
             self.plan.modules,
@@ -276,8 +280,10 @@ class Estimator:
             layout_modules=self._layout_modules,
             on_site=self._on_site,
             names=self.module_names,
+            consume=consume,
         )
         counter = ReadCounter(self.names) if self.mode == "local" and not self.sharded else nullcontext()
+        self.read_counter = counter if isinstance(counter, ReadCounter) else None
         with cap, counter:
             out = self.output_fn(self._call(batch))
         self._local_reads = getattr(counter, "counts", None)
@@ -297,12 +303,17 @@ class Estimator:
         return self.estimator == "sample" or (self.estimator == "hebbian" and not rule.hebbian)
 
     def _update_through_sites(self, batch: Any, n: int) -> None:
-        for _ in range(3):  # a rerun when shared calls cannot be expanded, one when in-place changes show
+        key = self._signature
+        streamer = Streamer(self, self.book.calls(key)) if can_stream(self, key) else None
+        # a rerun when shared calls cannot be expanded, one when in-place changes show, one when streaming fails
+        for _ in range(4):
             grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
             with grad_ctx:
                 try:
-                    out, sites = self._forward(batch, n)
+                    out, sites = self._forward(batch, n, consume=streamer)
                 except Exception:
+                    if streamer is not None:
+                        undo(self, batch, n, streamer)
                     if self._probe_out is None:
                         raise
                     # the model tiles a shared output itself (.repeat, a broadcast against [B·nW, ...]): an
@@ -316,6 +327,11 @@ class Estimator:
                 # Decided once per pass: modules whose captured tensors the model changes in place (a ReLU with
                 # inplace=True after them) are captured as copies from then on; only that batch runs twice.
                 changed = {(id(s.module), part) for s in sites for part in s.changed_parts()}
+                if streamer is not None and (changed or not streamer.holds(key)):
+                    undo(self, batch, n, streamer)  # and run the batch with every call kept
+                    streamer = None
+                    if not changed:
+                        continue
                 if changed:
                     if changed <= self._clone_modules:
                         raise ImportanceError("captured tensors changed in place even on copies")
@@ -326,12 +342,18 @@ class Estimator:
                         "capturing copies of it for the rest of the pass",
                     )
                     continue
-            self._reduce_captured(out, sites, batch)
+            try:
+                self._reduce_captured(out, sites, batch, streamed=streamer is not None)
+            except BaseException:
+                if streamer is not None:
+                    undo(self, batch, n, streamer)
+                raise
             return
         raise ImportanceError("captured tensors changed in place even on copies")
 
-    def _reduce_captured(self, out: Tensor, sites: list[Site], batch: Any = None) -> None:
-        """Δ of the captured calls, checks, and the statistics of one batch."""
+    def _reduce_captured(self, out: Tensor, sites: list[Site], batch: Any = None, streamed: bool = False) -> None:
+        """Δ of the captured calls, checks, and the statistics of one batch (``streamed``: the calls kept by a
+        streamed forward; the others were reduced as they returned)."""
         grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
         key = self._signature
         counts = None
@@ -361,8 +383,16 @@ class Estimator:
                     rule.check(self.acc, s, self._needs_samples(rule, s))
             if self.mode == "global":
                 self._global_deltas(out, sites)
-        if batch is not None and self.config.verify != "off" and self.estimator != "batch" and not self.sharded:
-            layouts = (key, tuple((id(s.module), tuple(s.in_dims), tuple(s.out_dims)) for s in sites))
+        if not streamed and key is not None and self.mode == "local":
+            self.book.note_calls(key, Counter(id(s.module) for s in sites))
+        if (
+            not streamed
+            and batch is not None
+            and self.config.verify != "off"
+            and self.estimator != "batch"
+            and not self.sharded
+        ):
+            layouts = (key, tuple(s.layout for s in sites))
             if self.config.verify == "every" or self.book.needs_check(layouts):
                 verify_batch(self, batch, sites, self.batch_samples, self._mask)
                 self.book.checked(layouts)

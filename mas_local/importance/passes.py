@@ -101,6 +101,7 @@ def compute_importance(
     precision: str = "accurate",
     micro_batch: int | None = None,
     verify: str | bool = "first",
+    stream: bool = True,
 ) -> dict[str, Tensor]:
     """Estimate MAS importance Ω for every trainable parameter of ``model``.
 
@@ -142,6 +143,9 @@ def compute_importance(
             random subset of the samples must equal autograd's gradient of that subset's loss. ``"first"``
             (default): on the first batch of each batch signature; ``"every"``: every batch; ``"off"``.
             A batch that fails is computed one sample at a time; if that fails too, the pass raises.
+        stream: local mode: reduce each module call as soon as it returns and drop what was captured for
+            it, so that memory does not grow with depth (``docs/performance.md``); Ω is the same with
+            ``False``, which keeps every call of a batch until its forward ends.
 
     Returns:
         ``{parameter name: Ω}``, float32 (float64 for a float64 parameter), detached, on each parameter's
@@ -160,6 +164,7 @@ def compute_importance(
         precision=precision,
         micro_batch=micro_batch,
         verify=verify,
+        stream=stream,
         eval_mode=eval_mode,
         progress=progress,
         sync=sync,

@@ -49,6 +49,25 @@ def reduce_sites(acc: Any, sites: list[Site], plan: Plan) -> None:
         _reduce_sample(acc, sites, plan, n, {pid for pid, k in calls.items() if k > 1})
 
 
+def reduce_call(acc: Any, site: Site, plan: Plan) -> None:
+    """Local mode, streamed: one call's sums and counts as soon as it returns (:mod:`.streaming`). The caller
+    streams only calls whose ``sample``-statistic parameters no other call of the batch reads, so nothing
+    needs summing over calls before |·|; the batch's sample count is added with the rest of the batch."""
+    n = acc.batch_samples
+    groups = plan.sites[id(site.module)].groups
+    for rule, params in groups:
+        for p in params.values():
+            acc.stats.seen.add(acc.names[id(p)])
+        if acc.estimator == "hebbian" and rule.hebbian:
+            rule.add_hebbian(acc, site if site.batched or n == 1 else replicated(site, n), params)
+            continue
+        if acc.estimator == "hebbian":
+            for p in params.values():
+                acc.stats.sampled.add(acc.names[id(p)])
+        if _has_delta(site):
+            _add_sample_abs(acc, rule, site, params, n)
+
+
 def _reduce_batch(acc: Any, sites: list[Site], plan: Plan, n: int) -> None:
     signed: dict[int, tuple[Any, Tensor]] = {}
     for s in sites:

@@ -10,6 +10,7 @@ a batch whose reads differ from its plan's batch (a branch taken only on some ba
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from torch import Tensor
@@ -70,8 +71,11 @@ class ReadCounter(TorchFunctionMode):
         super().__init__()
         self.names = names
         self.counts: dict[int, int] = {}
+        self.paused = False  # streaming reduces calls inside the forward: the statistics' own reads do not count
 
     def _see(self, a: Any) -> None:
+        if self.paused:
+            return
         if isinstance(a, Parameter):
             key = id(a)
             if key in self.names:
@@ -92,12 +96,13 @@ class ReadCounter(TorchFunctionMode):
 
 class PlanBook:
     """The plans of one pass, each kept under the batch signature it was made for, with what was learned about
-    that signature: the parameters' reads on its planning batch, which call layouts passed the self-check, and
-    whether its batches are computed one sample at a time."""
+    that signature: the parameters' reads on its planning batch, how often it called each module, which call
+    layouts passed the self-check, and whether its batches are computed one sample at a time."""
 
     def __init__(self) -> None:
         self._plans: dict[tuple, Any] = {}
         self._reads: dict[tuple, dict[int, int]] = {}
+        self._calls: dict[tuple, Counter] = {}
         self._checked: set[tuple] = set()
         self.alone: set[tuple] = set()
 
@@ -110,6 +115,18 @@ class PlanBook:
     def forget(self, key: tuple) -> None:
         self._plans.pop(key, None)
         self._reads.pop(key, None)
+        self._calls.pop(key, None)
+
+    def calls(self, key: tuple) -> Counter | None:
+        """How often the signature's planning batch (a batch whose calls were all kept) called each module."""
+        return self._calls.get(key)
+
+    def note_calls(self, key: tuple, calls: Counter) -> None:
+        self._calls.setdefault(key, calls)
+
+    def checked_any(self, key: tuple) -> bool:
+        """Whether some call layouts of this signature passed the self-check."""
+        return any(layouts[0] == key for layouts in self._checked)
 
     def same_reads(self, key: tuple, counts: dict[int, int]) -> bool:
         """Whether a batch reads the parameters as the signature's planning batch did (the first counts given
@@ -119,5 +136,5 @@ class PlanBook:
     def needs_check(self, layouts: tuple) -> bool:
         return layouts not in self._checked
 
-    def checked(self, layouts: tuple) -> None:
+    def checked(self, layouts: tuple) -> None:  # (key, call layouts)
         self._checked.add(layouts)
