@@ -305,10 +305,16 @@ class _ChangedAfter(nn.Module):
         return self.fc2(h)
 
 
-@pytest.mark.parametrize("how,runs", [("method", 3), ("functional", 3), ("view", 3), ("unseen", 4)])
-def test_output_changed_in_place_is_copied_without_a_rerun(how, runs):
-    """Local mode: an in-place change the first batch sees is copied before it happens (one forward per batch);
-    one it cannot see costs one re-run of the first batch. Either way Ω is what the out-of-place twin gets."""
+@pytest.mark.parametrize(
+    "how,stream,runs",
+    [("method", False, 3), ("functional", False, 3), ("view", False, 3), ("unseen", False, 4)]
+    + [(how, True, 4) for how in ("method", "functional", "view", "unseen")],
+)
+def test_output_changed_in_place_is_copied_without_a_rerun(how, stream, runs):
+    """Local mode, every call kept: an in-place change the first batch sees is copied before it happens (one
+    forward per batch); one it cannot see costs one re-run of the first batch. Streamed: each call is reduced
+    before the change, whatever it is; the first batch is planned by a forward of its own. Either way Ω is
+    what the out-of-place twin gets."""
     torch.manual_seed(0)
     model, twin = _ChangedAfter(how).double(), _ChangedAfter(how, twin=True).double()
     twin.load_state_dict(model.state_dict())
@@ -318,7 +324,9 @@ def test_output_changed_in_place_is_copied_without_a_rerun(how, runs):
     for estimator in ("hebbian", "sample"):
         calls.clear()
         # the engine's own forwards (the self-check runs samples of its own: off here)
-        got = ml.compute_importance(model, data, mode="local", estimator=estimator, progress=False, verify="off")
+        got = ml.compute_importance(
+            model, data, mode="local", estimator=estimator, progress=False, verify="off", stream=stream
+        )
         assert len(calls) == runs
         assert_close(got, ml.compute_importance(twin, data, mode="local", estimator=estimator, progress=False))
     assert_close(got, oracles.local(twin, data, "sample"))
@@ -472,8 +480,10 @@ def test_first_batch_probe_keeps_no_intermediate_alive():
     """The usage probe follows tensors computed from the batch by weak reference: it holds none of them."""
     model = _DropsIntermediate().double()
     x = torch.randn(6, 5, dtype=torch.float64)
-    ml.compute_importance(model, [x, x], mode="local", progress=False)
-    assert model.alive_at_fc2 == [False, False]
+    for stream in (False, True):  # the probe rides along with the capture / plans in a forward of its own
+        model.alive_at_fc2.clear()
+        ml.compute_importance(model, [x, x], mode="local", progress=False, stream=stream)
+        assert model.alive_at_fc2 and not any(model.alive_at_fc2)
 
 
 @pytest.mark.parametrize(

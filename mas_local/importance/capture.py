@@ -163,9 +163,10 @@ class Capture:
         self._wanted = {id(m) for m in modules}
         self.names = names or {}
         self.consume = consume  # streaming: True when it reduced the site, which is then not kept
+        self._consuming = False  # inside consume: a rule that runs a module again makes no new call
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if id(module) not in self._wanted:
+        if id(module) not in self._wanted or self._consuming:
             return output
         args, kwargs = positional_first(module, args, kwargs)
         expand = id(module) in self.expand
@@ -226,8 +227,14 @@ class Capture:
                 self._held.setdefault(id(t), []).append((site, "outputs"))
         if self.on_site is not None:
             self.on_site(site)
-        if self.consume is not None and self.consume(site):
-            return output
+        if self.consume is not None:
+            self._consuming = True
+            try:
+                taken = self.consume(site)
+            finally:
+                self._consuming = False
+            if taken:
+                return output
         self.sites.append(site)
         return output
 

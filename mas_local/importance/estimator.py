@@ -53,8 +53,8 @@ from .planning import first_batch, make_plan
 from .reduction import reduce_sites
 from .signature import PlanBook, ReadCounter, batch_signature, read_counts
 from .statistics import Statistics
-from .streaming import Streamer, can_stream, undo
-from .verify import VerificationFailed, verify_batch
+from .streaming import Streamer, can_stream, streams_first_batch, undo
+from .verify import StreamCheck, VerificationFailed, verify_batch
 
 log = logging.getLogger("mas_local")
 
@@ -240,7 +240,10 @@ class Estimator:
     def _update_planned(self, batch: Any, n: int, key: tuple, replanned: bool = False) -> None:
         self._replanned = replanned
         self.plan = self.book.plan(key)
-        if self.plan is None and not self.sharded and not self._any_training:
+        if self.plan is None and streams_first_batch(self):
+            self.plan = make_plan(self, batch, n)  # a forward of its own; the batch then streams
+            self._update_through_sites(batch, n)
+        elif self.plan is None and not self.sharded and not self._any_training:
             first_batch(self, batch, n)
         else:
             if self.plan is None:
@@ -305,6 +308,9 @@ class Estimator:
     def _update_through_sites(self, batch: Any, n: int) -> None:
         key = self._signature
         streamer = Streamer(self, self.book.calls(key)) if can_stream(self, key) else None
+        verify = self.config.verify
+        if streamer is not None and (verify == "every" or (verify == "first" and not self.book.checked_any(key))):
+            streamer.check = StreamCheck(self, batch, n, self._mask)  # this batch is checked as it streams
         # a rerun when shared calls cannot be expanded, one when in-place changes show, one when streaming fails
         for _ in range(4):
             grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
@@ -343,7 +349,7 @@ class Estimator:
                     )
                     continue
             try:
-                self._reduce_captured(out, sites, batch, streamed=streamer is not None)
+                self._reduce_captured(out, sites, batch, streamer=streamer)
             except BaseException:
                 if streamer is not None:
                     undo(self, batch, n, streamer)
@@ -351,9 +357,10 @@ class Estimator:
             return
         raise ImportanceError("captured tensors changed in place even on copies")
 
-    def _reduce_captured(self, out: Tensor, sites: list[Site], batch: Any = None, streamed: bool = False) -> None:
-        """Δ of the captured calls, checks, and the statistics of one batch (``streamed``: the calls kept by a
-        streamed forward; the others were reduced as they returned)."""
+    def _reduce_captured(self, out: Tensor, sites: list[Site], batch: Any = None, streamer: Any = None) -> None:
+        """Δ of the captured calls, checks, and the statistics of one batch (``streamer``: ``sites`` are the
+        calls a streamed forward kept; the others were reduced as they returned)."""
+        streamed = streamer is not None
         grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
         key = self._signature
         counts = None
@@ -385,6 +392,10 @@ class Estimator:
                 self._global_deltas(out, sites)
         if not streamed and key is not None and self.mode == "local":
             self.book.note_calls(key, Counter(id(s.module) for s in sites))
+        if streamed and streamer.check is not None:  # the streamed calls were added as they returned
+            streamer.check.add(sites)
+            streamer.check.finish()
+            self.book.checked((key, tuple(streamer.layouts)))
         if (
             not streamed
             and batch is not None

@@ -7,10 +7,12 @@ under FSDP2).
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import nullcontext
 from typing import Any
 
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from ..errors import ImportanceError
 from .batches import batch_tensors
@@ -22,15 +24,25 @@ from .signature import ReadCounter
 
 
 def make_plan(est, batch: Any, n: int) -> Plan:
+    """A plan from a forward of its own (no call kept). Local mode notes how often it called each module:
+    what a streamed batch of this signature is held to (:mod:`.streaming`)."""
     if est.sharded:  # FSDP2 swaps parameter objects during the forward: plan by registration
         plan = registration_plan(est.model, est.params)
     else:
         probe = UsageProbe(est.model, est.params, n, est._positions, est.mode)
         grad = torch.enable_grad() if est.mode == "global" else torch.no_grad()
+        calls: Counter = Counter()
+        counting = register_module_forward_pre_hook(lambda m, args: calls.update((id(m),)))
+        try:
+            with preserved_state(est.model), grad:
+                probe.watch(batch_tensors(batch))  # everything the user passes, whatever forward_fn reads
+                with probe:
+                    out = est.output_fn(est._call(batch))
+        finally:
+            counting.remove()
+        if est.mode == "local" and est._signature is not None:
+            est.book.note_calls(est._signature, calls)
         with preserved_state(est.model), grad:
-            probe.watch(batch_tensors(batch))  # everything the user passes, whatever forward_fn reads
-            with probe:
-                out = est.output_fn(est._call(batch))
             check_output(out, n)
             if est.mode == "global":
                 probe.mark_shared_outputs(masked_squared_norm(out, est._mask))

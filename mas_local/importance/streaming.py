@@ -1,9 +1,11 @@
 """Local mode, streamed: each planned call is reduced as soon as it returns, and what was captured for it is
 dropped, so that a local pass needs about the memory of inference whatever the model's depth.
 
-A batch streams when its signature has a plan, a planning batch whose calls were all kept (so that how often
-each module is called is known) and no self-check still due. A call streams when nothing else in the batch
-has to be seen first:
+Every batch streams, the first of a signature included: that one is planned by a forward of its own (the
+usage probe, keeping no call, which also counts how often each module is called), and its self-check, when
+due, runs as it streams (``verify.StreamCheck``: the samples of the subset alone first, one call at a time,
+then the engine's sums added call by call). A call streams when nothing else in the batch has to be seen
+first:
 
 - its ``sample``-statistic parameters (every parameter under ``estimator="sample"``; those of modules without
   a Hebbian rule under ``"hebbian"``) are read by that call alone: no other planned module computes them (a
@@ -54,6 +56,7 @@ class Streamer:
         self.layouts: list[tuple] = []  # (id(module), in_dims, out_dims) of every call, in order
         self.failed: str | None = None  # why the batch must take another path
         self.busy = False  # reducing: a rule that runs the module again (the generic rule) is not a new call
+        self.check: Any = None  # the self-check of this batch (verify.StreamCheck), when one is due
 
     def _all_hebbian(self, mid: int) -> bool:
         """Whether every parameter of the module is judged by co-activation events (each call its own)."""
@@ -98,6 +101,8 @@ class Streamer:
                 rule.check(est.acc, site, est._needs_samples(rule, site))
             with torch.autocast(est._device_type, enabled=False), torch.no_grad():
                 reduce_call(est.acc, site, est.plan)
+            if self.check is not None:
+                self.check.add([site])
         finally:
             self.busy = False
             if counter is not None:
@@ -111,6 +116,8 @@ class Streamer:
         cfg = self.est.config
         if self.failed is not None:
             return False
+        if self.check is not None:  # checked as it streamed: compared with the kept calls' sums
+            return True
         return cfg.verify == "off" or not self.est.book.needs_check((key, tuple(self.layouts)))
 
 
@@ -154,15 +161,18 @@ def undo(est: Any, batch: Any, n: int, streamer: Streamer) -> None:
     est._forward(batch, n, consume=_Subtract(est, streamer.streamed))
 
 
-def can_stream(est: Any, key: tuple) -> bool:
-    """Whether a batch of signature ``key`` may stream (see the module docstring)."""
-    cfg = est.config
+def streams_first_batch(est: Any) -> bool:
+    """Whether the first batch of a signature is planned by a forward of its own and then streams."""
     return (
-        cfg.stream
+        est.config.stream
         and est.mode == "local"
+        and est.estimator != "batch"  # the signed batch gradient sums every call before |·|
         and not est.sharded
         and not est._any_training
-        and est._probe_out is None
-        and est.book.calls(key) is not None
-        and (cfg.verify == "off" or (cfg.verify != "every" and est.book.checked_any(key)))
     )
+
+
+def can_stream(est: Any, key: tuple) -> bool:
+    """Whether a batch of signature ``key`` may stream (see the module docstring); a self-check that is due
+    runs as it streams (``verify.StreamCheck``)."""
+    return streams_first_batch(est) and est._probe_out is None and est.book.calls(key) is not None

@@ -158,38 +158,57 @@ def oracle_local(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | N
     """For each sample of S alone: the module-local gradient of ½‖y‖² at every call where a parameter is
     computed (``act(y)`` for layers judged through an activation)."""
     totals: dict[int, Tensor] = {}
-    plan = est.plan
     for piece, k in _pieces(est, batch, members, n, mask, alone=True):
-        # every captured tensor is a copy: the model may change its inputs and outputs in place afterwards
-        copies = {(id(m), part) for m in plan.modules for part in ("inputs", "outputs")}
-        cap = Capture(
-            est.model, plan.modules, k, clone_modules=copies, layout_modules=est._layout_modules, names=est.module_names
-        )
-        with preserved_state(est.model), torch.no_grad(), cap:
-            call_model(est.model, piece, est.config.forward_fn)
-        for s in cap.sites:
-            for rule, params in plan.sites[id(s.module)].groups:
-                if not _checked(est, rule):
-                    continue
-                values = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-                module, call_values = without_fsdp_hooks(s.module, values)
-                # contiguous inputs: torch 2.13's CPU GroupNorm backward crashes on a channels-last float64 one
-                args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in s.args)
-                with torch.enable_grad():
-                    outs = tensor_leaves(torch.func.functional_call(module, call_values, args, s.kwargs))
-                    if not outs or not outs[0].is_floating_point():
-                        continue
-                    y = outs[0]
-                    act = est.activation_of.get(id(s.module))
-                    judged = act(y) if act is not None else y
-                    loss = 0.5 * _wide(judged).pow(2).sum()
-                    if not loss.requires_grad:
-                        continue
-                    grads = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
-                for p, g in zip(params.values(), grads):
-                    if g is not None:
-                        totals[id(p)] = _wide(g) if id(p) not in totals else totals[id(p)] + _wide(g)
+        _run_consuming(est, piece, k, lambda s: _local_grads(est, s, totals))
     return totals
+
+
+def _run_consuming(est: Any, piece: Any, k: int, take) -> None:
+    """Run ``piece`` with the plan's modules captured, each call handed to ``take`` as it returns (the values
+    the module saw, before any later in-place change) and then dropped: one call's memory at a time."""
+    busy = [False]
+
+    def consume(site) -> bool:
+        if not busy[0]:  # a rule that re-runs the module inside ``take`` is not a new call
+            busy[0] = True
+            try:
+                take(site)
+            finally:
+                busy[0] = False
+        return True
+
+    plan = est.plan
+    cap = Capture(
+        est.model, plan.modules, k, layout_modules=est._layout_modules, names=est.module_names, consume=consume
+    )
+    with preserved_state(est.model), torch.no_grad(), cap:
+        call_model(est.model, piece, est.config.forward_fn)
+
+
+def _local_grads(est: Any, s: Any, totals: dict[int, Tensor]) -> None:
+    """Add the module-local gradient of ½‖y‖² of call ``s`` (a sample alone) for each checked parameter."""
+    plan = est.plan
+    for rule, params in plan.sites[id(s.module)].groups:
+        if not _checked(est, rule):
+            continue
+        values = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        module, call_values = without_fsdp_hooks(s.module, values)
+        # contiguous inputs: torch 2.13's CPU GroupNorm backward crashes on a channels-last float64 one
+        args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in s.args)
+        with torch.enable_grad():
+            outs = tensor_leaves(torch.func.functional_call(module, call_values, args, s.kwargs))
+            if not outs or not outs[0].is_floating_point():
+                continue
+            y = outs[0]
+            act = est.activation_of.get(id(s.module))
+            judged = act(y) if act is not None else y
+            loss = 0.5 * _wide(judged).pow(2).sum()
+            if not loss.requires_grad:
+                continue
+            grads = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
+        for p, g in zip(params.values(), grads):
+            if g is not None:
+                totals[id(p)] = _wide(g) if id(p) not in totals else totals[id(p)] + _wide(g)
 
 
 def compare(
@@ -288,23 +307,22 @@ def _oracle_hebbian(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor)
     """Each sample of S alone and unpadded: Σ over every row of its calls of |y|ᵀ|x|, per weight."""
     plan = est.plan
     totals: dict[int, Tensor] = {}
+
+    def take(s) -> None:
+        for rule, params in plan.sites[id(s.module)].groups:
+            w = params.get("weight")
+            if w is None or not _hebbian_linear(est, rule) or not s.outputs:
+                continue
+            y = s.outputs[0]
+            act = est.activation_of.get(id(s.module))
+            y = act(y) if act is not None else y
+            x2, y2 = s.x.reshape(-1, s.x.shape[-1]), y.reshape(-1, y.shape[-1])
+            a, b = rule._pair(y2.double().abs(), x2.double().abs())
+            g = a.t() @ b
+            totals[id(w)] = g if id(w) not in totals else totals[id(w)] + g
+
     for piece, k in _pieces(est, batch, members, n, mask, alone=True):
-        copies = {(id(m), part) for m in plan.modules for part in ("inputs", "outputs")}
-        cap = Capture(est.model, plan.modules, k, clone_modules=copies, layout_modules=est._layout_modules)
-        with preserved_state(est.model), torch.no_grad(), cap:
-            call_model(est.model, piece, est.config.forward_fn)
-        for s in cap.sites:
-            for rule, params in plan.sites[id(s.module)].groups:
-                w = params.get("weight")
-                if w is None or not _hebbian_linear(est, rule) or not s.outputs:
-                    continue
-                y = s.outputs[0]
-                act = est.activation_of.get(id(s.module))
-                y = act(y) if act is not None else y
-                x2, y2 = s.x.reshape(-1, s.x.shape[-1]), y.reshape(-1, y.shape[-1])
-                a, b = rule._pair(y2.double().abs(), x2.double().abs())
-                g = a.t() @ b
-                totals[id(w)] = g if id(w) not in totals else totals[id(w)] + g
+        _run_consuming(est, piece, k, take)
     return totals
 
 
@@ -320,3 +338,47 @@ def verify_hebbian(est: Any, batch: Any, sites: list, n: int, mask: Tensor | Non
             return
         oracle = _oracle_hebbian(est, batch, members, n, mask)
     compare(est, engine, oracle, set(engine) | set(oracle), low=torch.is_autocast_enabled(est._device_type))
+
+
+class StreamCheck:
+    """The self-check of a streamed batch (:mod:`.streaming`): the independent sums first (each sample of S
+    alone, one call at a time), the engine's added as each call is reduced, compared after the forward. It
+    holds those sums for the checked parameters only, never the batch's calls."""
+
+    def __init__(self, est: Any, batch: Any, n: int, mask: Tensor | None) -> None:
+        self.est, self.mask = est, mask
+        self.members = choose_subset(n, mask, est.mode == "local", est.verify_generator)
+        self.hebbian = est.estimator == "hebbian" and mask is not None and not bool(mask.all())
+        self.engine: dict[int, Tensor] = {}
+        self.engine_hebbian: dict[int, Tensor] = {}
+        self.oracle_hebbian: dict[int, Tensor] = {}
+        if self.hebbian:
+            self.members_hebbian = choose_subset(n, mask, True, est.verify_generator)
+            self.oracle_hebbian = _oracle_hebbian(est, batch, self.members_hebbian, n, mask)
+        self.checked: set[int] = set()
+        self.oracle = oracle_local(est, batch, self.members, n, mask)
+
+    def add(self, sites: list) -> None:
+        """The engine's subset sums of these calls (after Δ)."""
+        est = self.est
+        for s in sites:
+            for rule, params in est.plan.sites[id(s.module)].groups:
+                if _checked(est, rule):
+                    self.checked.update(id(p) for p in params.values())
+        with torch.autocast(est._device_type, enabled=False), torch.no_grad():
+            for pid, g in engine_subset_sums(est, sites, self.members).items():
+                self.engine[pid] = g if pid not in self.engine else self.engine[pid] + g
+            if self.hebbian:
+                for pid, g in _engine_hebbian(est, sites, self.members_hebbian, self.mask).items():
+                    self.engine_hebbian[pid] = g if pid not in self.engine_hebbian else self.engine_hebbian[pid] + g
+
+    def finish(self) -> None:
+        """Raise :class:`VerificationFailed` as :func:`verify_batch` would on the same batch."""
+        est = self.est
+        low = torch.is_autocast_enabled(est._device_type)
+        if self.hebbian and self.engine_hebbian:
+            compare(
+                est, self.engine_hebbian, self.oracle_hebbian, set(self.engine_hebbian) | set(self.oracle_hebbian), low
+            )
+        if self.checked:
+            compare(est, self.engine, self.oracle, self.checked, low)
