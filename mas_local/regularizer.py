@@ -67,7 +67,8 @@ class MAS:
 
     ``activation`` (local mode): judge Linear/Conv layers by ``act(y)`` rather than
     their pre-activation ``y``; one callable, or ``{module name or glob: callable}``.
-    ``precision`` (``"accurate"``/``"exact"``/``"fast"``) is the abs-GEMM operand precision on GPUs.
+    ``precision`` (``"accurate"``/``"exact"``/``"fast"``) is the operand precision of the GEMM-shaped ops on
+    every backend (``docs/triton.md``).
     ``verify`` is the self-check of :func:`compute_importance` (``"first"``, ``"every"`` or ``"off"``);
     ``stream`` (local mode) reduces each module call as it returns (:func:`compute_importance`).
     """

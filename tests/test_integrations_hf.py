@@ -369,3 +369,19 @@ def test_trainer_ddp_ranks_consolidate_on_their_shares(tmp_path):
 
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1])
+
+
+def test_a_callback_registered_twice_adds_the_penalty_once_and_consolidates_once(after_task_a, tmp_path):
+    """callbacks=[cb] and then callback_handler.callbacks.insert(0, cb), as an old version of the docs advised:
+    one penalty per optimizer step and one consolidation, with a warning."""
+    model, mas = copy_with_mas(after_task_a.model, after_task_a.mas)
+    calls = spy(mas)
+    tasks_before = mas.num_tasks
+    callback = MASTrainerCallback(mas, max_batches=1)
+    trainer = Trainer(model=model, args=training_args(tmp_path, 2), train_dataset=TASK_B, callbacks=[callback])
+    trainer.callback_handler.callbacks.insert(0, callback)
+    assert trainer.callback_handler.callbacks.count(callback) == 2
+    with pytest.warns(UserWarning, match="registered twice"):
+        trainer.train()
+    assert len(calls) == 2  # 2 optimizer steps
+    assert mas.num_tasks == tasks_before + 1

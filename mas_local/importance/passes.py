@@ -134,8 +134,9 @@ def compute_importance(
         activation: local mode only: judge Linear/Conv layers by ``act(y)`` instead of
             their pre-activation output ``y`` (one callable for all such layers, or a
             mapping from module names/glob patterns to callables).
-        precision: operand precision of the fused GEMMs on GPUs: ``"accurate"``, ``"exact"``
-            or ``"fast"`` (``docs/math.md``). CPU backends are always exact.
+        precision: operand precision of the GEMM-shaped ops, one contract on every backend (``docs/triton.md``,
+            "Precision"): ``"accurate"`` (default), ``"exact"`` or ``"fast"``. On the CPU every setting runs
+            IEEE fp32 (float64 for ``"exact"`` in the torch reference, and for float64 models).
         micro_batch: run each batch in pieces of at most this many samples; Ω is unchanged (per-sample
             statistics add up over any split) and activation memory is bounded. ``sample`` and
             ``hebbian`` only.

@@ -112,6 +112,17 @@ class MASTrainerCallback(TrainerCallback):
         self.batch_size = batch_size
         self.collate_fn = collate_fn
         self.meter = PenaltyMeter()
+        self._stepped_at: int | None = None  # the global step whose penalty was added (one add per step)
+        self._consolidated = False  # this train() consolidated already
+
+    def _twice(self, what: str) -> None:
+        warnings.warn(
+            f"{WHO} is registered twice on this Trainer (e.g. callbacks=[cb] and then callback_handler.callbacks."
+            f"insert(0, cb)); its second {what} is skipped, so the penalty is added once per step and the task is "
+            "consolidated once. Register it once (docs/integrations.md, 'Logging')",
+            UserWarning,
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------ set-up and resume
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
@@ -133,6 +144,7 @@ class MASTrainerCallback(TrainerCallback):
         else:
             check_same_model(self.mas.model, model, WHO)
         self.meter = PenaltyMeter()
+        self._stepped_at, self._consolidated = None, False
         path = self._resume_path(args, state)
         if path is not None:
             self.load_state(path)
@@ -164,6 +176,10 @@ class MASTrainerCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, model: nn.Module | None = None, **kwargs):
         if self.mas is None:  # on_train_begin did not run (a Trainer driven by hand)
             raise RuntimeError(f"{WHO}: on_pre_optimizer_step before on_train_begin")
+        if self._stepped_at == state.global_step:  # the same callback object, called again for this step
+            self._twice("penalty of a step")
+            return
+        self._stepped_at = state.global_step
         unscale_pending(optimizer)
         value = self.mas.add_penalty_grad_()
         if self.clip_grad_norm is not None:
@@ -201,6 +217,9 @@ class MASTrainerCallback(TrainerCallback):
     def on_train_end(self, args, state, control, train_dataloader=None, eval_dataloader=None, **kwargs):
         if self.mas is None or self.consolidate_on is None:
             return
+        if self._consolidated:
+            self._twice("consolidation")
+            return
         if self.consolidate_on == "train":
             data, move = train_dataloader, None  # prepared by accelerate: on the device, this rank's share
         elif self.consolidate_on == "eval":
@@ -216,6 +235,7 @@ class MASTrainerCallback(TrainerCallback):
             )
         batches = ConsolidationData(data, self.drop_keys, None if move is None else (lambda b: to_device(b, move)))
         self.mas.consolidate(batches, max_batches=self.max_batches)
+        self._consolidated = True
         self.meter = PenaltyMeter()
         if args.should_save:
             os.makedirs(args.output_dir, exist_ok=True)

@@ -11,9 +11,10 @@ argument. Fake kernels let ``torch.compile`` trace through them.
 ``precision`` (both GEMM-shaped ops) has one meaning for every backend: an error
 bound relative to ``Σ|a·b|`` (the sum of the absolute products, since ``Σ_t a·b`` can
 cancel), stated with what each backend runs in ``docs/triton.md``:
-``"exact"`` fp32 arithmetic (never TF32), ``"accurate"`` (default) fp32 operands may
-be rounded to TF32, ``"fast"`` operands may be rounded to bf16, or to fp8 e4m3 with
-per-tensor scales where a backend has it. A backend that runs something other than
+``"exact"`` no reduced-precision operands (fp32 without TF32 in the kernels, float64 in
+the torch reference), ``"accurate"`` (default) fp32 operands may be rounded to TF32,
+``"fast"`` operands may be rounded to bf16, or to fp8 e4m3 with per-tensor scales where
+a backend has it. A backend that runs something other than
 what was asked (e.g. no fp8) logs it once.
 
 Parameters spread over several devices: :func:`penalty_grad_by_device`.

@@ -36,9 +36,9 @@ _SITES: dict[str, str] = {
     "ext": "mas_local.ops.ext",
 }
 
-# Preference of ``auto`` per (op, device type), fastest measured first. The
-# reference is always last and always present. Update together with the
-# measurement that justifies it (bench/results/).
+# Preference of ``auto`` per (op, device type). CPU: fastest measured first. CUDA: the
+# intended order (kernels first), not yet measured on a GPU. The reference is always last
+# and always present. Update together with the measurement that justifies it (bench/results/).
 AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
     ("abs_gemm_acc", "cpu"): ("torch",),
     # CPU, 2 cores, 2026-11-28 (bench/results/cpu_ext_2026-11-28.md): the C++ penalty is 5-19x the
