@@ -1,4 +1,4 @@
-"""Build mas-local: the Python package, the Triton kernels (as ``mas_local.kernels``)
+"""Build mas-local: the Python package, the Triton kernels (``kernels/*.py`` into ``mas_local.kernels``)
 and the optional compiled extension ``mas_local._C``.
 
 The extension's C++ (CPU) kernels are built whenever ``csrc/*.cpp`` exist; the
@@ -17,6 +17,7 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,11 +51,24 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
-ext_modules, cmdclass = _extensions()
-packages = find_packages(include=["mas_local", "mas_local.*"])
-package_dir = {"mas_local": "mas_local"}
-if os.path.exists(os.path.join(HERE, "kernels", "__init__.py")):
-    packages.append("mas_local.kernels")
-    package_dir["mas_local.kernels"] = "kernels"
+class BuildPy(build_py):
+    """Also copies the Triton sources of the top-level ``kernels/`` folder into ``mas_local/kernels/`` of the
+    build (a wheel). An editable install needs no copy: ``mas_local.kernels`` takes in that folder itself. The
+    folder has no ``__init__.py``, so that from the repository root ``import kernels`` finds no package
+    (Hugging Face's hub-kernels package has that name)."""
 
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "mas_local", "kernels")
+        os.makedirs(target, exist_ok=True)
+        for source in sorted(glob.glob(os.path.join(HERE, "kernels", "*.py"))):
+            self.copy_file(source, os.path.join(target, os.path.basename(source)))
+
+
+ext_modules, cmdclass = _extensions()
+cmdclass["build_py"] = BuildPy
+packages = find_packages(include=["mas_local", "mas_local.*"])
+
+setup(packages=packages, package_dir={"mas_local": "mas_local"}, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -120,7 +120,7 @@ fi
 step "stage the package as installed"
 STAGE=$(mktemp -d /tmp/mas_local_stage.XXXXXX)
 cp -r mas_local "$STAGE/mas_local"
-[ -f kernels/__init__.py ] && cp -r kernels "$STAGE/mas_local/kernels"
+cp kernels/*.py "$STAGE/mas_local/kernels/"  # what setup.py's build_py puts in a wheel
 find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
 export PYTHONPATH="$STAGE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the staged package first; the checkout for tests/, bench/
 if (cd /tmp && DRY=$DRY HAS_CUDA_DIR=$([ -d "$ROOT/csrc/cuda" ] && echo 1 || echo 0) "$PY" - "$STAGE" <<'PYEOF'

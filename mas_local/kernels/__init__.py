@@ -1,4 +1,10 @@
-"""Triton backend of mas-local (installed as ``mas_local.kernels``).
+"""Triton backend of mas-local: ``mas_local.kernels``.
+
+The kernels' sources live in the repository's top-level ``kernels/`` folder, one file per op; a wheel
+carries them inside this package (``setup.py`` copies them here), and in a source checkout (an editable
+install, or the repository on ``sys.path``) this package's path takes in that folder. The folder itself has
+no ``__init__.py`` on purpose: from the repository root, ``import kernels`` must not find a package, because
+``kernels`` is the name of Hugging Face's hub-kernels package, which ``transformers`` probes for on import.
 
 One file per op, each with its ``@triton.jit`` kernels and launcher:
 :mod:`.abs_gemm` (``Ω += α|A|ᵀ|B|``), :mod:`.per_sample_abs` (``Ω += α Σ_b |A_bᵀB_b|``),
@@ -16,12 +22,18 @@ then not on CUDA tensors).
 
 from __future__ import annotations
 
-import triton  # noqa: F401  (ImportError here means: no Triton backend)
+from pathlib import Path
 
-from .abs_gemm import abs_gemm_acc_
-from .launch import INTERPRET, INTERPRET_TOO_LATE
-from .penalty import penalty_grad_
-from .per_sample_abs import per_sample_abs_acc_
+_SOURCES = Path(__file__).resolve().parents[2] / "kernels"
+if (_SOURCES / "launch.py").is_file() and (_SOURCES.parent / "setup.py").is_file():  # a source checkout
+    __path__.append(str(_SOURCES))
+
+import triton  # noqa: E402, F401  (ImportError here means: no Triton backend)
+
+from .abs_gemm import abs_gemm_acc_  # noqa: E402
+from .launch import INTERPRET, INTERPRET_TOO_LATE  # noqa: E402
+from .penalty import penalty_grad_  # noqa: E402
+from .per_sample_abs import per_sample_abs_acc_  # noqa: E402
 
 __all__ = ["abs_gemm_acc_", "per_sample_abs_acc_", "penalty_grad_", "supports", "INTERPRET"]
 
