@@ -244,3 +244,38 @@ def test_a_missing_lightning_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'mas-local[lightning]'" in out.stdout
+
+
+def test_a_checkpoint_written_before_consolidation_resumes_into_the_consolidation(tmp_path):
+    """Task 2's last checkpoint is written before its consolidation (ModelCheckpoint at the epoch's end). A fit
+    resumed from it finds the loop done, so Lightning runs neither on_train_start nor on_train_end: the task
+    must still be consolidated once, to the Ω and θ* the uninterrupted run had."""
+    ckpt = pytest.importorskip("lightning.pytorch.callbacks").ModelCheckpoint
+    module = Classifier(seed=3)
+    callback = MASLightningCallback({"lam": LAM, "progress": False})
+    fit(trainer(8, [callback]), module, loader(TASK_A))
+    saving = ckpt(dirpath=tmp_path, save_last=True)
+    fit(trainer(8, [callback, saving], enable_checkpointing=True, max_epochs=1), module, loader(TASK_B))
+    assert callback.mas.num_tasks == 2
+    omega = {n: t.clone() for n, t in callback.mas.importance.items()}
+    star = {n: t.clone() for n, t in callback.mas.anchors.items()}
+    last = tmp_path / "last.ckpt"
+    assert last.is_file()
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    (saved,) = [v for k, v in state["callbacks"].items() if "MASLightningCallback" in k]
+    assert saved["mas"]["num_tasks"] == 1  # written before task 2's consolidation
+    # the same process, the same callback: resume task 2 from its last checkpoint
+    again = ckpt(dirpath=tmp_path / "again", save_last=True)
+    fit(trainer(8, [callback, again], enable_checkpointing=True, max_epochs=1), module, loader(TASK_B), ckpt_path=last)
+    assert callback.mas.num_tasks == 2
+    for n in omega:
+        torch.testing.assert_close(callback.mas.importance[n], omega[n])
+        torch.testing.assert_close(callback.mas.anchors[n], star[n])
+    # a fresh process: a new module and callback resumed from the same file also end with both tasks
+    assert saved["task_open"]  # what tells the resumed fit that the task still needs its consolidation
+    fresh_module = Classifier(seed=9)
+    fresh = MASLightningCallback({"lam": LAM, "progress": False})
+    fit(trainer(8, [fresh], max_epochs=1), fresh_module, loader(TASK_B), ckpt_path=last)
+    assert fresh.mas.num_tasks == 2
+    for n in omega:
+        torch.testing.assert_close(fresh.mas.importance[n], omega[n])

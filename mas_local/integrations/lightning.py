@@ -74,6 +74,10 @@ class MASLightningCallback(pl.Callback):
         self.max_batches = max_batches
         self.log_name = log_name
         self.prog_bar = prog_bar
+        # a task trained but not yet consolidated: checkpoints written during training say so, and a fit resumed
+        # from one whose training had ended (Lightning then skips on_train_start/end) consolidates at on_fit_end
+        self._task_open = False
+        self._ended_this_fit = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -86,9 +90,14 @@ class MASLightningCallback(pl.Callback):
         if self._pending is not None:
             self.mas.load_state_dict(self._pending)
             self._pending = None
+        self._ended_this_fit = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _refuse_sharding(trainer)
+        self._state_to_devices()
+        self._task_open = True
+
+    def _state_to_devices(self) -> None:
         mas = self.mas
         if mas is not None and any(  # restored or consolidated before the model moved to its device
             mas.importance[n].device != p.device for n, p in mas.params.items() if n in mas.importance
@@ -109,7 +118,19 @@ class MASLightningCallback(pl.Callback):
 
     # ------------------------------------------------------------------ consolidation
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ended_this_fit = True
+        self._consolidate(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._task_open and not self._ended_this_fit:
+            # resumed from a checkpoint written after the task's training but before its consolidation: the
+            # loop was done, so Lightning ran neither on_train_start nor on_train_end
+            self._state_to_devices()
+            self._consolidate(trainer)
+
+    def _consolidate(self, trainer: pl.Trainer) -> None:
         if self.mas is None or self.consolidate_on is None:
+            self._task_open = False
             return
         if self.consolidate_on == "train":
             data = trainer.train_dataloader
@@ -129,18 +150,21 @@ class MASLightningCallback(pl.Callback):
             )
         batches = ConsolidationData(data, self.drop_keys, lambda b: trainer.strategy.batch_to_device(b))
         self.mas.consolidate(batches, max_batches=self.max_batches)
+        self._task_open = False
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """``{"mas": MAS.state_dict()}``: Ω, θ* and the task count (tensors and numbers only)."""
+        """``{"mas": MAS.state_dict(), "task_open": bool}``: Ω, θ* and the task count (tensors and numbers only),
+        and whether a task was being trained and is not consolidated yet."""
         if self.mas is not None:
-            return {"mas": self.mas.state_dict()}
-        return {} if self._pending is None else {"mas": self._pending}
+            return {"mas": self.mas.state_dict(), "task_open": self._task_open}
+        return {} if self._pending is None else {"mas": self._pending, "task_open": self._task_open}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the MAS state of a checkpoint (checked against the model: names, shapes, finite values)."""
         if "mas" not in state_dict:
             return  # saved before any MAS existed
+        self._task_open = bool(state_dict.get("task_open", False))
         if self.mas is None:
             self._pending = state_dict["mas"]
         else:
