@@ -385,3 +385,33 @@ def test_a_callback_registered_twice_adds_the_penalty_once_and_consolidates_once
         trainer.train()
     assert len(calls) == 2  # 2 optimizer steps
     assert mas.num_tasks == tasks_before + 1
+
+
+class DictOutput(torch.nn.Module):
+    """Returns a plain dict: the Trainer trains on its "loss", but consolidation cannot read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(61, 8)
+        self.head = torch.nn.Linear(8, 61)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        scores = self.head(self.emb(input_ids))
+        out = {"scores": scores}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(scores.flatten(0, 1), labels.flatten())
+        return out
+
+
+def test_an_output_consolidation_cannot_read_fails_at_the_first_step(tmp_path):
+    model = DictOutput()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callback = MASTrainerCallback({"lam": 1.0, "progress": False})
+    trainer = Trainer(model=model, args=training_args(tmp_path, 3), train_dataset=TASK_B, callbacks=[callback])
+    with pytest.raises(ValueError, match="output_fn"):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # no optimizer step ran
+    # with output_fn it trains and consolidates
+    callback = MASTrainerCallback({"lam": 1.0, "progress": False, "output_fn": lambda out: out["scores"]})
+    Trainer(model=model, args=training_args(tmp_path, 2), train_dataset=TASK_B, callbacks=[callback]).train()
+    assert callback.mas.num_tasks == 1

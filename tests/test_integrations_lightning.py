@@ -279,3 +279,33 @@ def test_a_checkpoint_written_before_consolidation_resumes_into_the_consolidatio
     assert fresh.mas.num_tasks == 2
     for n in omega:
         torch.testing.assert_close(fresh.mas.importance[n], omega[n])
+
+
+class DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return {"scores": self.lin(x)}
+
+
+class DictClassifier(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.net = DictNet()
+
+    def forward(self, x):
+        return self.net(x)["scores"]
+
+
+def test_an_output_consolidation_cannot_read_fails_at_the_first_step():
+    module = DictClassifier()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    callback = MASLightningCallback(ml.MAS(module.net, lam=LAM, progress=False))
+    with pytest.raises(ValueError, match="output_fn"):
+        fit(trainer(4, [callback]), module, loader(TASK_A))
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
+    callback = MASLightningCallback(ml.MAS(module.net, lam=LAM, progress=False, output_fn=lambda o: o["scores"]))
+    fit(trainer(4, [callback]), module, loader(TASK_A))
+    assert callback.mas.num_tasks == 1

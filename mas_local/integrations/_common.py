@@ -148,3 +148,36 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def check_first_output(mas: MAS, who: str) -> Any:
+    """Read the model's output on the first training forward as consolidation will (``output_fn``), so that a
+    model whose output it cannot read (a plain dict, a custom output class) fails at the first step instead of
+    after the whole task has trained. Returns the hook's handle (it removes itself after one forward), or
+    ``None`` with a custom ``forward_fn`` (consolidation then reads what that returns, not the model's output)."""
+    if mas.config.forward_fn is not None:
+        return None
+    from ..importance.batches import default_output_fn
+
+    read = mas.config.output_fn or default_output_fn
+    handle = None
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        handle.remove()
+        try:
+            measured = read(output)
+        except Exception as e:
+            raise ValueError(
+                f"{who}: the task's consolidation will read the model's output with "
+                f"{'output_fn' if mas.config.output_fn else 'the default output_fn'}, and it cannot read this "
+                f"model's ({type(output).__name__}): {e}. Pass MAS(..., output_fn=...) returning the tensor to "
+                "measure (checked on the first training step, before any optimizer step)"
+            ) from e
+        if not isinstance(measured, Tensor):
+            raise ValueError(
+                f"{who}: output_fn returned {type(measured).__name__} on the model's output, not a Tensor; "
+                "consolidation needs the tensor to measure"
+            )
+
+    handle = mas.model.register_forward_hook(hook)
+    return handle

@@ -19,6 +19,7 @@ from ._common import (
     LABEL_KEYS,
     ConsolidationData,
     PenaltyMeter,
+    check_first_output,
     check_mas_spec,
     check_max_batches,
     check_same_model,
@@ -148,6 +149,15 @@ class MASTrainerCallback(TrainerCallback):
         path = self._resume_path(args, state)
         if path is not None:
             self.load_state(path)
+        self._drop_output_check()
+        if self.consolidate_on is not None:
+            self._output_check = check_first_output(self.mas, WHO)
+
+    def _drop_output_check(self) -> None:
+        handle = getattr(self, "_output_check", None)
+        if handle is not None:
+            handle.remove()
+        self._output_check = None
 
     def _resume_path(self, args, state) -> str | None:
         if self.resume_from is not None:  # used once: a later train() (the next task) must not load it again
@@ -215,6 +225,7 @@ class MASTrainerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ consolidation
     def on_train_end(self, args, state, control, train_dataloader=None, eval_dataloader=None, **kwargs):
+        self._drop_output_check()
         if self.mas is None or self.consolidate_on is None:
             return
         if self._consolidated:

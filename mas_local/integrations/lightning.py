@@ -12,6 +12,7 @@ from ..regularizer import MAS
 from ._common import (
     LABEL_KEYS,
     ConsolidationData,
+    check_first_output,
     check_mas_spec,
     check_max_batches,
     check_same_model,
@@ -96,6 +97,15 @@ class MASLightningCallback(pl.Callback):
         _refuse_sharding(trainer)
         self._state_to_devices()
         self._task_open = True
+        self._drop_output_check()
+        if self.consolidate_on is not None and self.mas is not None:
+            self._output_check = check_first_output(self.mas, WHO)
+
+    def _drop_output_check(self) -> None:
+        handle = getattr(self, "_output_check", None)
+        if handle is not None:
+            handle.remove()
+        self._output_check = None
 
     def _state_to_devices(self) -> None:
         mas = self.mas
@@ -118,6 +128,7 @@ class MASLightningCallback(pl.Callback):
 
     # ------------------------------------------------------------------ consolidation
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drop_output_check()
         self._ended_this_fit = True
         self._consolidate(trainer)
 
