@@ -2,7 +2,7 @@
 # created and filled on first use (CPU torch pinned: a bare `torch` pulls CUDA).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEPS := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest pytest-benchmark transformers accelerate lightning scikit-learn matplotlib ruff ninja setuptools wheel
+DEPS := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest pytest-benchmark transformers accelerate lightning peft==0.21.2 scikit-learn matplotlib ruff ninja setuptools wheel
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench lint build clean gpu-check
