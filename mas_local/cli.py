@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import sys
 import time
@@ -19,8 +18,6 @@ Each MAS method's λ is chosen per task from --lam-grid on the validation split 
 the tasks seen so far. Writes results.json and PNG plots to --out and prints a table.
 See docs/compare.md for the protocol and how to read the outputs."""
 
-HELP_OPTIONS = ("-h", "--help")
-
 
 def _csv(kind):
     def parse(text: str):
@@ -32,31 +29,15 @@ def _csv(kind):
     return parse
 
 
-def _float_list(text: str) -> tuple[float, ...]:
+def _numbers(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers (parsing only: their range is checked once, by ``Config.validate``)."""
     vals = []
     for item in _csv("number")(text):
         try:
-            v = float(item)
+            vals.append(float(item))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{item!r} is not a number (expected e.g. 0.1,1,10)") from None
-        if not math.isfinite(v) or v < 0:
-            hint = " (λ is a value, not an exponent: write 10^-1 as 1e-1)" if v < 0 else ""
-            raise argparse.ArgumentTypeError(f"λ must be finite and >= 0, got {item!r}{hint}")
-        vals.append(v)
     return tuple(vals)
-
-
-def _positive_int(name: str, minimum: int = 1):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {v}")
-        return v
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,26 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    value_options: set[str] = set()
-
-    def option(*names: str, **kwargs) -> None:
-        action = c.add_argument(*names, **kwargs)
-        if action.nargs != 0:  # takes a value (store_true flags take none)
-            value_options.update(action.option_strings)
+    option = c.add_argument
 
     option(
         "--seeds",
-        type=_positive_int("--seeds"),
+        type=int,
         default=3,
         help="number of seeds (0..N-1); each seed has its own data split, permutations and initial weights",
     )
     option(
         "--tasks",
-        type=_positive_int("--tasks", 2),
+        type=int,
         default=5,
         help="number of tasks in the sequence (>= 2; at most 5 for --benchmark split)",
     )
-    option("--epochs", type=_positive_int("--epochs"), default=5, help="training epochs per task")
+    option("--epochs", type=int, default=5, help="training epochs per task")
     option(
         "--model",
         choices=MODELS,
@@ -110,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     lam_default = ",".join(f"{v:g}" for v in DEFAULT_LAM_GRID)
     option(
         "--lam-grid",
-        type=_float_list,
+        type=_numbers,
         default=lam_default,
         metavar="L1,L2,...",
         help="candidate penalty strengths λ (comma-separated, >= 0); each MAS method picks one per task "
@@ -125,57 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option("--out", default="runs/compare", help="output folder for results.json and the PNG plots")
     option("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
-    option("--batch-size", type=_positive_int("--batch-size"), default=32, help="training batch size")
+    option("--batch-size", type=int, default=32, help="training batch size")
     option("--lr", type=float, default=1e-3, help="Adam learning rate")
     option(
         "--threads",
-        type=_positive_int("--threads"),
+        type=int,
         default=1,
         help="torch CPU threads while it runs (one is the fastest for these small models)",
     )
     option("--no-plots", action="store_true", help="skip the PNG plots (results.json and the table only)")
     option("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
     parser.compare_parser = c  # its error() prints the compare usage
-    parser.value_options = frozenset(value_options)
     return parser
-
-
-def attach_dash_values(argv: Sequence[str], value_options: frozenset[str]) -> list[str]:
-    """Write ``--opt VALUE`` as ``--opt=VALUE`` when VALUE starts with one dash, so argparse takes it as the value.
-
-    argparse reads a token that starts with ``-`` as an option unless it is a plain
-    negative number, so ``--lam-grid -1,1`` or ``--lr -1e-3`` would fail with "expected
-    one argument" instead of reaching the option's own check. A token starting with
-    ``--`` or naming a help option stays an option (``--lam-grid --quiet`` is still
-    the error it should be); everything after a bare ``--`` is left alone.
-    """
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token == "--":
-            out.extend(argv[i:])
-            break
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if (
-            token in value_options
-            and nxt is not None
-            and nxt.startswith("-")
-            and not nxt.startswith("--")
-            and nxt not in HELP_OPTIONS
-        ):
-            out.append(f"{token}={nxt}")
-            i += 2
-            continue
-        out.append(token)
-        i += 1
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(attach_dash_values(argv, parser.value_options))
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         parser.exit(2, "\nmas-local: error: choose a command (e.g. `mas-local compare --help`)\n")

@@ -80,7 +80,7 @@ def test_the_penalty_moves_only_the_adapters():
     mas = ml.MAS(model, lam=10.0, progress=False)
     mas.consolidate(padded_batches())
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.01)
     model.zero_grad()

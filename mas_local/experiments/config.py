@@ -70,7 +70,8 @@ class Config:
             raise ValueError("--lam-grid is empty")
         for lam in self.lam_grid:
             if not math.isfinite(lam) or lam < 0:
-                raise ValueError(f"--lam-grid values must be finite and >= 0, got {lam}")
+                hint = " (λ is a value, not an exponent: write 10^-1 as 1e-1)" if lam < 0 else ""
+                raise ValueError(f"--lam-grid values must be finite and >= 0, got {lam:g}{hint}")
         if len(set(self.lam_grid)) != len(self.lam_grid):
             raise ValueError("--lam-grid lists a value twice")
         if self.threads < 1:

@@ -78,38 +78,16 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std())}
 
 
-def rankdata(x) -> np.ndarray:
-    """Ranks ``1..n`` of a 1-D array, ties get the average of their ranks (like scipy's ``"average"``)."""
-    a = np.asarray(x, dtype=np.float64).ravel()
-    n = a.size
-    if n == 0:
-        return np.zeros(0)
-    order = np.argsort(a, kind="mergesort")
-    sorted_a = a[order]
-    # start of each run of equal values in sorted order
-    new_run = np.r_[True, sorted_a[1:] != sorted_a[:-1]]
-    run_id = np.cumsum(new_run) - 1  # run index of each sorted position
-    starts = np.flatnonzero(new_run)
-    ends = np.r_[starts[1:], n]  # exclusive
-    avg_rank = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(n)
-    ranks[order] = avg_rank[run_id]
-    return ranks
-
-
 def spearman(x, y) -> float:
-    """Spearman rank correlation of two equally long arrays (Pearson correlation of their average ranks).
+    """Spearman rank correlation of two equally long arrays (``scipy.stats.spearmanr``, ties averaged).
 
-    ``nan`` when either array is constant (its ranks have zero variance) or has fewer than 2 elements.
+    ``nan`` when either array is constant or has fewer than 2 elements (scipy warns there; this does not).
     """
-    rx, ry = rankdata(x), rankdata(y)
-    if rx.size != ry.size:
-        raise ValueError(f"spearman: arrays differ in length ({rx.size} vs {ry.size})")
-    if rx.size < 2:
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if a.size != b.size:
+        raise ValueError(f"spearman: arrays differ in length ({a.size} vs {b.size})")
+    if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
         return math.nan
-    rx = rx - rx.mean()
-    ry = ry - ry.mean()
-    den = math.sqrt(float((rx * rx).sum()) * float((ry * ry).sum()))
-    if den == 0.0:
-        return math.nan
-    return float((rx * ry).sum() / den)
+    return float(spearmanr(a, b).statistic)
