@@ -2,21 +2,23 @@
 
 The definitions are in ``docs/math.md``. Per batch:
 
-1. On the first batch, :mod:`.plan` finds where each parameter is read and so which
-   module call computes it (one place per parameter, by identity).
-2. A forward pass with the planned modules captured (:mod:`.capture`).
+1. The batch's signature (:mod:`.signature`) selects its plan; the first batch of a signature makes one
+   (:mod:`.planning`, :mod:`.plan`: where each parameter is read, so which module call computes it).
+2. A forward pass with the planned modules captured (:mod:`.capture`); in local mode each call is reduced
+   as it returns (:mod:`.streaming`).
 3. Δ of every captured output: ∂(Σ_k‖f(x_k)‖²)/∂y by one ``autograd.grad`` (global) or
-   the output itself (local: ∂(½‖y‖²)/∂y = y).
+   the output itself (local: ∂(½‖y‖²)/∂y = y); the self-check when due (:mod:`.verify`).
 4. :mod:`.reduction` turns the calls into sums and counts (:mod:`.statistics`) with the
-   per-layer rules (:mod:`.rules`).
+   per-layer rules (:mod:`.rules`), which see only an :class:`~.accumulator.Accumulator`.
 
-Global ``batch`` skips all that: one ``autograd.grad`` of the batch's Σ_k‖f(x_k)‖².
+Steps 2-4 are :mod:`.pipeline`; the paths a batch takes when its calls cannot be followed (each sample
+alone) are :mod:`.fallbacks`. Global ``batch`` skips all that: one ``autograd.grad`` of the batch's
+Σ_k‖f(x_k)‖².
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -38,29 +40,24 @@ from .batches import (
     sequence_length,
     slice_batch,
 )
-from .capture import Capture, Site
+from .capture import Site
 from .deltas import global_deltas, local_deltas
 from .fallbacks import global_batch, refusal, update_alone
 from .guards import (
     check_checkpointing,
-    check_output,
     preserved_buffers,
     without_kv_cache,
 )
 from .layouts import is_sequence_first
+from .pipeline import Replan, forward, needs_samples, reduce_captured, run_through_sites
 from .plan import Plan
 from .planning import first_batch, make_plan
-from .reduction import reduce_sites
-from .signature import PlanBook, ReadCounter, batch_signature, read_counts
+from .signature import PlanBook, ReadCounter, batch_signature
 from .statistics import Statistics
-from .streaming import Streamer, can_stream, streams_first_batch, undo
-from .verify import StreamCheck, VerificationFailed, verify_batch
+from .streaming import streams_first_batch
+from .verify import VerificationFailed
 
 log = logging.getLogger("mas_local")
-
-
-class _Replan(Exception):
-    """Internal: a batch reads the parameters elsewhere than the batch its plan was made on (global mode)."""
 
 
 class Estimator:
@@ -221,7 +218,7 @@ class Estimator:
         try:
             try:
                 self._update_planned(batch, n, key)
-            except _Replan:  # this batch reads parameters where the plan's batch did not
+            except Replan:  # this batch reads parameters where the plan's batch did not
                 self.book.forget(key)
                 self._update_planned(batch, n, key, replanned=True)
         except (VerificationFailed, LayoutError) as failed:
@@ -270,147 +267,11 @@ class Estimator:
     def _call(self, batch: Any) -> Any:
         return call_model(self.model, batch, self.config.forward_fn)
 
-    def _forward(self, batch: Any, n: int, consume: Callable[[Site], bool] | None = None) -> tuple[Tensor, list[Site]]:
-        cap = Capture(
-            self.model,
-            self.plan.modules,
-            n,
-            positions=self._positions,
-            clone_modules=self._clone_modules,
-            alias=self.mode == "global",
-            shared_leaves=self.plan.shared_leaves,
-            expand=self.plan.expand,
-            layout_modules=self._layout_modules,
-            on_site=self._on_site,
-            names=self.module_names,
-            consume=consume,
-        )
-        counter = ReadCounter(self.names) if self.mode == "local" and not self.sharded else nullcontext()
-        self.read_counter = counter if isinstance(counter, ReadCounter) else None
-        with cap, counter:
-            out = self.output_fn(self._call(batch))
-        self._local_reads = getattr(counter, "counts", None)
-        check_output(out, n)
-        return out, cap.sites
-
-    def _same_output(self, out: Tensor) -> bool:
-        ref = self._probe_out
-        if out.shape != ref.shape:
-            return False
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        return bool(torch.allclose(out.detach(), ref, rtol=1e-5, atol=1e-6 * scale))
-
-    def _needs_samples(self, rule, site: Site) -> bool:
-        if self.mode == "local" and not site.batched:  # a call shared by the batch: one event for every sample
-            return False
-        return self.estimator == "sample" or (self.estimator == "hebbian" and not rule.hebbian)
-
-    def _update_through_sites(self, batch: Any, n: int) -> None:
-        key = self._signature
-        streamer = Streamer(self, self.book.calls(key)) if can_stream(self, key) else None
-        verify = self.config.verify
-        if streamer is not None and (verify == "every" or (verify == "first" and not self.book.checked_any(key))):
-            streamer.check = StreamCheck(self, batch, n, self._mask)  # this batch is checked as it streams
-        # a rerun when shared calls cannot be expanded, one when in-place changes show, one when streaming fails
-        for _ in range(4):
-            grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
-            with grad_ctx:
-                try:
-                    out, sites = self._forward(batch, n, consume=streamer)
-                except Exception:
-                    if streamer is not None:
-                        undo(self, batch, n, streamer)
-                    if self._probe_out is None:
-                        raise
-                    # the model tiles a shared output itself (.repeat, a broadcast against [B·nW, ...]): an
-                    # expanded call does not fit it, so the shared calls' parameters go to enclosing calls
-                    out = None
-                if self._probe_out is not None and (out is None or not self._same_output(out)):
-                    self.notice_once("expand", "expanding shared calls changes this model's output; not expanding")
-                    self.plan, self._probe_out = self._probe.plan(self.params, expand=False), None
-                    continue
-                self._probe = self._probe_out = None
-                # Decided once per pass: modules whose captured tensors the model changes in place (a ReLU with
-                # inplace=True after them) are captured as copies from then on; only that batch runs twice.
-                changed = {(id(s.module), part) for s in sites for part in s.changed_parts()}
-                if streamer is not None and (changed or not streamer.holds(key)):
-                    undo(self, batch, n, streamer)  # and run the batch with every call kept
-                    streamer = None
-                    if not changed:
-                        continue
-                if changed:
-                    if changed <= self._clone_modules:
-                        raise ImportanceError("captured tensors changed in place even on copies")
-                    self._clone_modules |= changed
-                    self.notice_once(
-                        "inplace",
-                        "a layer input or output is modified in place (e.g. ReLU(inplace=True)); "
-                        "capturing copies of it for the rest of the pass",
-                    )
-                    continue
-            try:
-                self._reduce_captured(out, sites, batch, streamer=streamer)
-            except BaseException:
-                if streamer is not None:
-                    undo(self, batch, n, streamer)
-                raise
-            return
-        raise ImportanceError("captured tensors changed in place even on copies")
-
-    def _reduce_captured(self, out: Tensor, sites: list[Site], batch: Any = None, streamer: Any = None) -> None:
-        """Δ of the captured calls, checks, and the statistics of one batch (``streamer``: ``sites`` are the
-        calls a streamed forward kept; the others were reduced as they returned)."""
-        streamed = streamer is not None
-        grad_ctx = torch.enable_grad() if self.mode == "global" else torch.no_grad()
-        key = self._signature
-        counts = None
-        if self.mode == "global" and key is not None and not self.sharded:
-            counts = read_counts(out)
-        elif self.mode == "local" and key is not None:
-            counts = self._local_reads
-        if counts is not None:
-            if not self.book.same_reads(key, counts):
-                self.book.forget(key)
-                if self._replanned:
-                    raise ImportanceError("the parameters' reads change between two runs of the same batch")
-                raise _Replan
-        if self.estimator != "batch" and self.batch_samples > 1:
-            for s in sites:
-                if not s.batched and id(s.module) in self.plan.unfollowed:
-                    raise LayoutError(
-                        f"module '{s.path}' ({type(s.module).__name__}) gets rows computed from the batch whose "
-                        "samples its tensors' sizes do not show (gathered tokens, windows or heads folded into the "
-                        "batch)"
-                    )
-        with grad_ctx:
-            if self.mode == "local":
-                self._local_deltas(sites)
-            for s in sites:
-                for rule, _ in self.plan.sites[id(s.module)].groups:
-                    rule.check(self.acc, s, self._needs_samples(rule, s))
-            if self.mode == "global":
-                self._global_deltas(out, sites)
-        if not streamed and key is not None and self.mode == "local":
-            self.book.note_calls(key, Counter(id(s.module) for s in sites))
-        if streamed and streamer.check is not None:  # the streamed calls were added as they returned
-            streamer.check.add(sites)
-            streamer.check.finish()
-            self.book.checked((key, tuple(streamer.layouts)))
-        if (
-            not streamed
-            and batch is not None
-            and self.config.verify != "off"
-            and self.estimator != "batch"
-            and not self.sharded
-        ):
-            layouts = (key, tuple(s.layout for s in sites))
-            if self.config.verify == "every" or self.book.needs_check(layouts):
-                verify_batch(self, batch, sites, self.batch_samples, self._mask)
-                self.book.checked(layouts)
-        # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
-        # no autograd history for the statistics (the generic rule's torch.func transforms ignore no_grad)
-        with torch.autocast(self._device_type, enabled=False), torch.no_grad():
-            reduce_sites(self.acc, sites, self.plan)
+    # the batch's steps (mas_local.importance.pipeline)
+    _forward = forward
+    _needs_samples = needs_samples
+    _update_through_sites = run_through_sites
+    _reduce_captured = reduce_captured
 
     def _local_deltas(self, sites: list[Site]) -> None:
         local_deltas(sites, self._mask, self.activation_of)

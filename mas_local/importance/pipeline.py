@@ -1,0 +1,176 @@
+"""One batch through its plan: capture → Δ → checks → statistics (``docs/math.md``; the Estimator's steps).
+
+:func:`run_through_sites` runs the planned forward (streamed in local mode, :mod:`.streaming`), handles the
+reruns a batch may need (shared calls that cannot be expanded, in-place changes of captured tensors, a stream
+that must be taken back) and hands the captured calls to :func:`reduce_captured`, which checks the
+parameters' reads, gets Δ, runs the self-check when due and reduces the calls into the statistics.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ImportanceError, LayoutError
+from .capture import Capture, Site
+from .guards import check_output
+from .reduction import reduce_sites
+from .signature import ReadCounter, read_counts
+from .streaming import Streamer, can_stream, undo
+from .verify import StreamCheck, verify_batch
+
+
+class Replan(Exception):
+    """Internal: a batch reads the parameters elsewhere than the batch its plan was made on."""
+
+
+def forward(est, batch: Any, n: int, consume: Callable[[Site], bool] | None = None) -> tuple[Tensor, list[Site]]:
+    cap = Capture(
+        est.model,
+        est.plan.modules,
+        n,
+        positions=est._positions,
+        clone_modules=est._clone_modules,
+        alias=est.mode == "global",
+        shared_leaves=est.plan.shared_leaves,
+        expand=est.plan.expand,
+        layout_modules=est._layout_modules,
+        on_site=est._on_site,
+        names=est.module_names,
+        consume=consume,
+    )
+    counter = ReadCounter(est.names) if est.mode == "local" and not est.sharded else nullcontext()
+    est.read_counter = counter if isinstance(counter, ReadCounter) else None
+    with cap, counter:
+        out = est.output_fn(est._call(batch))
+    est._local_reads = getattr(counter, "counts", None)
+    check_output(out, n)
+    return out, cap.sites
+
+
+def same_output(est, out: Tensor) -> bool:
+    ref = est._probe_out
+    if out.shape != ref.shape:
+        return False
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return bool(torch.allclose(out.detach(), ref, rtol=1e-5, atol=1e-6 * scale))
+
+
+def needs_samples(est, rule, site: Site) -> bool:
+    if est.mode == "local" and not site.batched:  # a call shared by the batch: one event for every sample
+        return False
+    return est.estimator == "sample" or (est.estimator == "hebbian" and not rule.hebbian)
+
+
+def run_through_sites(est, batch: Any, n: int) -> None:
+    key = est._signature
+    streamer = Streamer(est, est.book.calls(key)) if can_stream(est, key) else None
+    verify = est.config.verify
+    if streamer is not None and (verify == "every" or (verify == "first" and not est.book.checked_any(key))):
+        streamer.check = StreamCheck(est, batch, n, est._mask)  # this batch is checked as it streams
+    # a rerun when shared calls cannot be expanded, one when in-place changes show, one when streaming fails
+    for _ in range(4):
+        grad_ctx = torch.enable_grad() if est.mode == "global" else torch.no_grad()
+        with grad_ctx:
+            try:
+                out, sites = est._forward(batch, n, consume=streamer)
+            except Exception:
+                if streamer is not None:
+                    undo(est, batch, n, streamer)
+                if est._probe_out is None:
+                    raise
+                # the model tiles a shared output itself (.repeat, a broadcast against [B·nW, ...]): an
+                # expanded call does not fit it, so the shared calls' parameters go to enclosing calls
+                out = None
+            if est._probe_out is not None and (out is None or not same_output(est, out)):
+                est.notice_once("expand", "expanding shared calls changes this model's output; not expanding")
+                est.plan, est._probe_out = est._probe.plan(est.params, expand=False), None
+                continue
+            est._probe = est._probe_out = None
+            # Decided once per pass: modules whose captured tensors the model changes in place (a ReLU with
+            # inplace=True after them) are captured as copies from then on; only that batch runs twice.
+            changed = {(id(s.module), part) for s in sites for part in s.changed_parts()}
+            if streamer is not None and (changed or not streamer.holds(key)):
+                undo(est, batch, n, streamer)  # and run the batch with every call kept
+                streamer = None
+                if not changed:
+                    continue
+            if changed:
+                if changed <= est._clone_modules:
+                    raise ImportanceError("captured tensors changed in place even on copies")
+                est._clone_modules |= changed
+                est.notice_once(
+                    "inplace",
+                    "a layer input or output is modified in place (e.g. ReLU(inplace=True)); "
+                    "capturing copies of it for the rest of the pass",
+                )
+                continue
+        try:
+            est._reduce_captured(out, sites, batch, streamer=streamer)
+        except BaseException:
+            if streamer is not None:
+                undo(est, batch, n, streamer)
+            raise
+        return
+    raise ImportanceError("captured tensors changed in place even on copies")
+
+
+def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, streamer: Any = None) -> None:
+    """Δ of the captured calls, checks, and the statistics of one batch (``streamer``: ``sites`` are the
+    calls a streamed forward kept; the others were reduced as they returned)."""
+    streamed = streamer is not None
+    grad_ctx = torch.enable_grad() if est.mode == "global" else torch.no_grad()
+    key = est._signature
+    counts = None
+    if est.mode == "global" and key is not None and not est.sharded:
+        counts = read_counts(out)
+    elif est.mode == "local" and key is not None:
+        counts = est._local_reads
+    if counts is not None:
+        if not est.book.same_reads(key, counts):
+            est.book.forget(key)
+            if est._replanned:
+                raise ImportanceError("the parameters' reads change between two runs of the same batch")
+            raise Replan
+    if est.estimator != "batch" and est.batch_samples > 1:
+        for s in sites:
+            if not s.batched and id(s.module) in est.plan.unfollowed:
+                raise LayoutError(
+                    f"module '{s.path}' ({type(s.module).__name__}) gets rows computed from the batch whose "
+                    "samples its tensors' sizes do not show (gathered tokens, windows or heads folded into the "
+                    "batch)"
+                )
+    with grad_ctx:
+        if est.mode == "local":
+            est._local_deltas(sites)
+        for s in sites:
+            for rule, _ in est.plan.sites[id(s.module)].groups:
+                rule.check(est.acc, s, est._needs_samples(rule, s))
+        if est.mode == "global":
+            est._global_deltas(out, sites)
+    if not streamed and key is not None and est.mode == "local":
+        est.book.note_calls(key, Counter(id(s.module) for s in sites))
+    if streamed and streamer.check is not None:  # the streamed calls were added as they returned
+        streamer.check.add(sites)
+        streamer.check.finish()
+        est.book.checked((key, tuple(streamer.layouts)))
+    if (
+        not streamed
+        and batch is not None
+        and est.config.verify != "off"
+        and est.estimator != "batch"
+        and not est.sharded
+    ):
+        layouts = (key, tuple(s.layout for s in sites))
+        if est.config.verify == "every" or est.book.needs_check(layouts):
+            verify_batch(est, batch, sites, est.batch_samples, est._mask)
+            est.book.checked(layouts)
+    # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
+    # no autograd history for the statistics (the generic rule's torch.func transforms ignore no_grad)
+    with torch.autocast(est._device_type, enabled=False), torch.no_grad():
+        reduce_sites(est.acc, sites, est.plan)
