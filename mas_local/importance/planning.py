@@ -7,6 +7,7 @@ under FSDP2).
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from contextlib import nullcontext
 from typing import Any
@@ -28,6 +29,14 @@ def make_plan(est, batch: Any, n: int) -> Plan:
     what a streamed batch of this signature is held to (:mod:`.streaming`)."""
     if est.sharded:  # FSDP2 swaps parameter objects during the forward: plan by registration
         plan = registration_plan(est.model, est.params)
+        warnings.warn(
+            "mas_local: FSDP2: where each parameter is computed comes from where it is registered (the usage "
+            "probe cannot follow FSDP2's swapped parameters, and the self-check does not run): a parameter read "
+            "outside the module that registers it (F.linear(h, emb.weight) in a parent) gets a wrong Ω; check the "
+            "model unsharded first (docs/distributed.md, 'Where each parameter is computed')",
+            UserWarning,
+            stacklevel=2,
+        )
     else:
         probe = UsageProbe(est.model, est.params, n, est._positions, est.mode)
         grad = torch.enable_grad() if est.mode == "global" else torch.no_grad()
