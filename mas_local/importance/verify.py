@@ -305,25 +305,25 @@ def _engine_hebbian(est: Any, sites: list, members: Tensor, mask: Tensor) -> dic
 
 def _oracle_hebbian(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor) -> dict[int, Tensor]:
     """Each sample of S alone and unpadded: Σ over every row of its calls of |y|ᵀ|x|, per weight."""
-    plan = est.plan
     totals: dict[int, Tensor] = {}
-
-    def take(s) -> None:
-        for rule, params in plan.sites[id(s.module)].groups:
-            w = params.get("weight")
-            if w is None or not _hebbian_linear(est, rule) or not s.outputs:
-                continue
-            y = s.outputs[0]
-            act = est.activation_of.get(id(s.module))
-            y = act(y) if act is not None else y
-            x2, y2 = s.x.reshape(-1, s.x.shape[-1]), y.reshape(-1, y.shape[-1])
-            a, b = rule._pair(y2.double().abs(), x2.double().abs())
-            g = a.t() @ b
-            totals[id(w)] = g if id(w) not in totals else totals[id(w)] + g
-
     for piece, k in _pieces(est, batch, members, n, mask, alone=True):
-        _run_consuming(est, piece, k, take)
+        _run_consuming(est, piece, k, lambda s: _hebbian_sums(est, s, totals))
     return totals
+
+
+def _hebbian_sums(est: Any, s: Any, totals: dict[int, Tensor]) -> None:
+    """Add Σ over every row of call ``s`` (a sample alone) of |y|ᵀ|x|, per Linear-family weight."""
+    for rule, params in est.plan.sites[id(s.module)].groups:
+        w = params.get("weight")
+        if w is None or not _hebbian_linear(est, rule) or not s.outputs:
+            continue
+        y = s.outputs[0]
+        act = est.activation_of.get(id(s.module))
+        y = act(y) if act is not None else y
+        x2, y2 = s.x.reshape(-1, s.x.shape[-1]), y.reshape(-1, y.shape[-1])
+        a, b = rule._pair(y2.double().abs(), x2.double().abs())
+        g = a.t() @ b
+        totals[id(w)] = g if id(w) not in totals else totals[id(w)] + g
 
 
 def verify_hebbian(est: Any, batch: Any, sites: list, n: int, mask: Tensor | None) -> None:
@@ -352,11 +352,17 @@ class StreamCheck:
         self.engine: dict[int, Tensor] = {}
         self.engine_hebbian: dict[int, Tensor] = {}
         self.oracle_hebbian: dict[int, Tensor] = {}
-        if self.hebbian:
-            self.members_hebbian = choose_subset(n, mask, True, est.verify_generator)
-            self.oracle_hebbian = _oracle_hebbian(est, batch, self.members_hebbian, n, mask)
+        self.members_hebbian = self.members  # local mode: the same subset serves both checks
         self.checked: set[int] = set()
-        self.oracle = oracle_local(est, batch, self.members, n, mask)
+        self.oracle: dict[int, Tensor] = {}
+
+        def take(s) -> None:  # each sample of the subset alone, once, for both sums
+            _local_grads(est, s, self.oracle)
+            if self.hebbian:
+                _hebbian_sums(est, s, self.oracle_hebbian)
+
+        for piece, k in _pieces(est, batch, self.members, n, mask, alone=True):
+            _run_consuming(est, piece, k, take)
 
     def add(self, sites: list) -> None:
         """The engine's subset sums of these calls (after Δ)."""
