@@ -326,11 +326,10 @@ def copy_bandwidth(t: Table, nbytes):
 
 def designs_section(t: Table, small: bool):
     """The designs of ``bench/designs`` next to what the library runs, on the same inputs."""
-    from mas_local.kernels import abs_gemm_acc_, per_sample_abs_acc_
-
     from bench.designs.abs_gemm_fused import abs_gemm_fused
     from bench.designs.abs_gemm_prepass import prepass_overlap, prepass_triton
     from bench.designs.per_sample_nested import per_sample_nested
+    from mas_local.kernels import abs_gemm_acc_, per_sample_abs_acc_
 
     n, out_f, in_f = (64, 24, 40) if small else (16384, 4096, 4096)
     y, x = randn(n, out_f, dtype=torch.bfloat16, seed=11), randn(n, in_f, dtype=torch.bfloat16, seed=12)

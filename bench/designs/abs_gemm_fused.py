@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from mas_local.kernels import abs_gemm as ag
 from mas_local.kernels.launch import INTERPRET, TunedKernel, on_device, size_bucket
 

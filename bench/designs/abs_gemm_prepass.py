@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import triton
+
 from mas_local.kernels import abs_gemm as ag
 from mas_local.kernels.launch import on_device
 
