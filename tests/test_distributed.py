@@ -204,9 +204,33 @@ def _worker(rank, port, out_dir):
                 mas.consolidate(_token_batches()[rank::WORLD])
                 res["llama_omega", mode] = {k: _full(v) for k, v in mas.importance.items()}
                 res["llama_report", mode] = dict(mas.memory_report()["bytes_per_param"])
+        # a tied head read outside its module (F.linear(h, emb.weight) in the root): the usage probe follows
+        # FSDP2's unsharded parameters, so the plan is the unsharded model's
+        for mode, est in TIED_CASES:
+            tied = _tied()
+            fully_shard(tied.mix)
+            fully_shard(tied)
+            mas = ml.MAS(tied, mode=mode, estimator=est, progress=False)
+            mas.consolidate(_tied_batches()[rank::WORLD])
+            res["tied_omega", mode, est] = {k: _full(v) for k, v in mas.importance.items()}
     finally:
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+
+
+TIED_CASES = [("global", "sample"), ("global", "batch"), ("local", "hebbian"), ("local", "sample")]
+
+
+def _tied():
+    from tests.patterns import TiedOutside
+
+    torch.manual_seed(4)
+    return TiedOutside()
+
+
+def _tied_batches():
+    g = torch.Generator().manual_seed(6)
+    return [torch.randint(0, 13, (3, 5), generator=g) for _ in range(4)]
 
 
 def _free_port():
@@ -340,3 +364,13 @@ def test_fsdp_bf16_llama_importance_and_memory(ranks, mode):
         rep = ranks[r]["llama_report", mode]  # bytes per parameter of the whole model, on this rank
         assert rep["persistent"] == pytest.approx(6.0 / WORLD, rel=0.02)  # (fp32 Ω 4 + bf16 θ* 2) / W
         assert rep["estimation"] == pytest.approx(4.0 / WORLD, rel=0.02)  # fp32 sums / W
+
+
+@pytest.mark.parametrize("mode,est", TIED_CASES)
+def test_fsdp_probe_follows_a_tied_head_read_outside_its_module(ranks, mode, est):
+    """FSDP2 gets the same usage probe as an unsharded model: a head written F.linear(h, emb.weight) in the root
+    is computed where it is read, and Ω equals the single process's (planning by registration was wrong), and
+    an FSDP2 unit keeps its layer's rule (FSDP2's own forward hooks are not a user's)."""
+    want = ml.compute_importance(_tied(), _tied_batches(), mode, est, progress=False)
+    for r in range(WORLD):
+        _assert_dicts_close(ranks[r]["tied_omega", mode, est], want)

@@ -147,3 +147,38 @@ def full_params(module: nn.Module, own: dict[str, Tensor]) -> dict[str, Tensor] 
     if all(t is own[k] and not is_dtensor(t) for k, t in current.items()):
         return None
     return {k: (t.full_tensor() if is_dtensor(t) else t).detach().clone() for k, t in current.items()}
+
+
+def _param_groups(module: nn.Module) -> list:
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [group] if group is not None else []
+    return list(groups)
+
+
+def unsharded_names(model: nn.Module, names: dict[int, str]) -> dict[int, str]:
+    """FSDP2: ``{id(unsharded parameter): name}`` for the registered (sharded) parameters named in ``names``.
+
+    Inside every forward FSDP2 swaps in an unsharded ``nn.Parameter`` per parameter, created by its first
+    all-gather and reused after (private state, torch 2.13): the usage probe follows reads by identity, so
+    it needs these objects' names. Unshards and reshards every FSDP2 module once (collectives, in module
+    order on every rank) so that they exist.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+    out: dict[int, str] = {}
+    for m in units:
+        for group in _param_groups(m):
+            for fsdp_param in getattr(group, "fsdp_params", ()):
+                name = names.get(id(getattr(fsdp_param, "sharded_param", None)))
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if name is not None and unsharded is not None:
+                    out[id(unsharded)] = name
+    for m in units:
+        m.reshard()
+    return out

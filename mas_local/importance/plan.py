@@ -141,14 +141,6 @@ def _minimal_registrants(model: nn.Module, p: Tensor) -> list[nn.Module]:
     return [m for m in regs if not any(id(o) in inner[id(m)] for o in regs if o is not m)]
 
 
-def registration_plan(model: nn.Module, params: dict[str, nn.Parameter]) -> Plan:
-    """Every parameter at the modules that register it (used without a usage probe, e.g. for FSDP2)."""
-    plan = Plan()
-    for p in params.values():
-        _assign_to_registrants(plan, _minimal_registrants(model, p), p)
-    return plan
-
-
 # function -> (whether its name says it writes its first argument, position of its ``inplace`` parameter)
 _WRITES: dict[Any, tuple[bool, int | None]] = {}
 
@@ -333,7 +325,9 @@ class UsageProbe(TorchFunctionMode):
 
     def __enter__(self) -> Any:
         for m in self.model.modules():
-            self._handles.append(m.register_forward_pre_hook(self._push, with_kwargs=True))
+            # first among the pre-hooks: what they read (a user's hook, FSDP2's all-gather into the unsharded
+            # parameters) is part of calling the module
+            self._handles.append(m.register_forward_pre_hook(self._push, with_kwargs=True, prepend=True))
             # last among the forward hooks: a read in a user's forward hook is part of calling the module
             self._handles.append(m.register_forward_hook(self._pop, with_kwargs=True, always_call=True))
         return super().__enter__()

@@ -1,13 +1,12 @@
 """Making a plan for a batch signature: the usage probe (``docs/math.md``, "Where each parameter is computed").
 
 ``first_batch``: in eval mode the probe rides along with the capture of the likely sites, so planning
-costs no forward of its own; ``make_plan``: a forward of its own (train mode, or the registration plan
-under FSDP2).
+costs no forward of its own; ``make_plan``: a forward of its own (train mode, FSDP2 — the probe then follows
+FSDP2's unsharded parameters — and local mode's streamed first batch).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from contextlib import nullcontext
 from typing import Any
@@ -15,49 +14,43 @@ from typing import Any
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+from ..distributed.fsdp import reshard, unsharded_names
 from ..errors import ImportanceError
 from .batches import batch_tensors
 from .capture import Capture
 from .guards import check_output, preserved_state
 from .masks import masked_squared_norm
-from .plan import Plan, UsageProbe, registration_plan
+from .plan import Plan, UsageProbe
 from .signature import ReadCounter
 
 
 def make_plan(est, batch: Any, n: int) -> Plan:
     """A plan from a forward of its own (no call kept). Local mode notes how often it called each module:
     what a streamed batch of this signature is held to (:mod:`.streaming`)."""
-    if est.sharded:  # FSDP2 swaps parameter objects during the forward: plan by registration
-        plan = registration_plan(est.model, est.params)
-        warnings.warn(
-            "mas_local: FSDP2: where each parameter is computed comes from where it is registered (the usage "
-            "probe cannot follow FSDP2's swapped parameters, and the self-check does not run): a parameter read "
-            "outside the module that registers it (F.linear(h, emb.weight) in a parent) gets a wrong Ω; check the "
-            "model unsharded first (docs/distributed.md, 'Where each parameter is computed')",
-            UserWarning,
-            stacklevel=2,
-        )
-    else:
-        probe = UsageProbe(est.model, est.params, n, est._positions, est.mode)
-        grad = torch.enable_grad() if est.mode == "global" else torch.no_grad()
-        calls: Counter = Counter()
-        counting = register_module_forward_pre_hook(lambda m, args: calls.update((id(m),)))
-        try:
-            with preserved_state(est.model), grad:
-                probe.watch(batch_tensors(batch))  # everything the user passes, whatever forward_fn reads
-                with probe:
-                    out = est.output_fn(est._call(batch))
-        finally:
-            counting.remove()
-        if est.mode == "local" and est._signature is not None:
-            est.book.note_calls(est._signature, calls)
+    probe = UsageProbe(est.model, est.params, n, est._positions, est.mode)
+    if est.sharded:  # FSDP2 swaps in unsharded parameter objects during the forward: follow those too
+        probe.names.update(unsharded_names(est.model, probe.names))
+    grad = torch.enable_grad() if est.mode == "global" else torch.no_grad()
+    calls: Counter = Counter()
+    counting = register_module_forward_pre_hook(lambda m, args: calls.update((id(m),)))
+    try:
         with preserved_state(est.model), grad:
-            check_output(out, n)
-            if est.mode == "global":
-                probe.mark_shared_outputs(masked_squared_norm(out, est._mask))
-        plan = probe.plan(est.params)
-        if plan.expand:  # checked on this batch's capture: expanding must not change the model's output
-            est._probe, est._probe_out = probe, out.detach()
+            probe.watch(batch_tensors(batch))  # everything the user passes, whatever forward_fn reads
+            with probe:
+                out = est.output_fn(est._call(batch))
+    finally:
+        counting.remove()
+    if est.mode == "local" and est._signature is not None:
+        est.book.note_calls(est._signature, calls)
+    with preserved_state(est.model), grad:
+        check_output(out, n)
+        if est.mode == "global":
+            probe.mark_shared_outputs(masked_squared_norm(out, est._mask))
+    if est.sharded:  # the plan names the registered (sharded) parameters, by identity: put them back
+        reshard(est.model)
+    plan = probe.plan(est.params)
+    if plan.expand:  # checked on this batch's capture: expanding must not change the model's output
+        est._probe, est._probe_out = probe, out.detach()
     refuse_unreachable(est, plan)
     return plan
 

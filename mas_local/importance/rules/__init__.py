@@ -57,13 +57,21 @@ def unregister_rule(module_type: type) -> None:
     _REGISTRY.pop(module_type, None)
 
 
+def user_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks other than FSDP2's (which leave the output's values as they are)."""
+    return any(
+        not getattr(hook, "__module__", "").startswith("torch.distributed.fsdp")
+        for hook in module._forward_hooks.values()
+    )
+
+
 def rule_for(module: nn.Module) -> Rule:
     """The rule for ``module``: the nearest registered type in its MRO, if the module still runs its forward.
 
     A module with forward hooks of the user's returns what they make of its output: the generic rule, which
     re-runs the module with them.
     """
-    if module._forward_hooks:
+    if user_forward_hooks(module):
         return GENERIC
     _register_conv1d()
     cls = type(module)
