@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mas_local as ml  # noqa: E402
 from bench.consolidation_cost import _PeakHeap  # noqa: E402
-from bench.timing import git_commit  # noqa: E402
+from bench.timing import emit, git_commit  # noqa: E402
 
 
 def gpt2(layers: int, width: int = 768, heads: int = 12, vocab: int = 50257):
@@ -113,10 +113,7 @@ def main(argv=None) -> int:
         "| run | seconds | extra peak (MiB) |",
         "|---|---|---|",
     ] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit("\n".join(lines) + "\n", args.out)
     return 0
 
 

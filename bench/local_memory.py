@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.consolidation_cost import _PeakHeap  # noqa: E402
-from bench.timing import git_commit  # noqa: E402
+from bench.timing import emit, git_commit  # noqa: E402
 from mas_local.config import ImportanceConfig  # noqa: E402
 from mas_local.importance.estimator import Estimator  # noqa: E402
 
@@ -121,10 +121,7 @@ def main(argv=None) -> int:
             f"{st['steady'] / max(kept['steady'], 1e-9):.2f} | {st['first']:.0f} | {st['first_off']:.0f} | "
             f"{st['t_steady'] / t_fwd:.2f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit("\n".join(lines) + "\n", args.out)
     return 0
 
 

@@ -40,6 +40,14 @@ def best_of(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
     return times
 
 
+def emit(text: str, out: str | None) -> None:
+    """Print a result table, and write it to ``out`` when given (for ``bench/results/``)."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def header(title: str, *details: str) -> str:
     """``# title (date, machine, threads, torch, commit, details...)``."""
     parts = [

@@ -55,7 +55,6 @@ class Streamer:
         self.streamed_modules: set[int] = set()
         self.layouts: list[tuple] = []  # (id(module), in_dims, out_dims) of every call, in order
         self.failed: str | None = None  # why the batch must take another path
-        self.busy = False  # reducing: a rule that runs the module again (the generic rule) is not a new call
         self.check: Any = None  # the self-check of this batch (verify.StreamCheck), when one is due
 
     def _all_hebbian(self, mid: int) -> bool:
@@ -76,8 +75,6 @@ class Streamer:
         )
 
     def __call__(self, site: Site) -> bool:
-        if self.busy:
-            return True
         est = self.est
         mid = id(site.module)
         self.ordinal += 1
@@ -94,7 +91,6 @@ class Streamer:
         counter = est.read_counter
         if counter is not None:
             counter.paused = True
-        self.busy = True
         try:
             local_deltas([site], est._mask, est.activation_of)
             for rule, _ in est.plan.sites[mid].groups:
@@ -104,7 +100,6 @@ class Streamer:
             if self.check is not None:
                 self.check.add([site])
         finally:
-            self.busy = False
             if counter is not None:
                 counter.paused = False
         self.streamed.append(self.ordinal)
@@ -127,11 +122,8 @@ class _Subtract:
     def __init__(self, est: Any, ordinals: list[int]) -> None:
         self.est, self.ordinals = est, set(ordinals)
         self.ordinal = -1
-        self.busy = False
 
     def __call__(self, site: Site) -> bool:
-        if self.busy:
-            return True
         self.ordinal += 1
         if self.ordinal not in self.ordinals:
             return True  # nothing to take back; nothing kept either
@@ -139,13 +131,11 @@ class _Subtract:
         main = est.acc.stats
         scratch = Statistics(est.params, main.fingerprint)
         est.acc.stats = scratch
-        self.busy = True
         try:
             local_deltas([site], est._mask, est.activation_of)
             with torch.autocast(est._device_type, enabled=False), torch.no_grad():
                 reduce_call(est.acc, site, est.plan)
         finally:
-            self.busy = False
             est.acc.stats = main
         for name, s in scratch.sums.items():
             main.sum_of(est.params[name]).sub_(s)

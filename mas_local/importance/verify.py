@@ -166,15 +166,9 @@ def oracle_local(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | N
 def _run_consuming(est: Any, piece: Any, k: int, take) -> None:
     """Run ``piece`` with the plan's modules captured, each call handed to ``take`` as it returns (the values
     the module saw, before any later in-place change) and then dropped: one call's memory at a time."""
-    busy = [False]
 
-    def consume(site) -> bool:
-        if not busy[0]:  # a rule that re-runs the module inside ``take`` is not a new call
-            busy[0] = True
-            try:
-                take(site)
-            finally:
-                busy[0] = False
+    def consume(site) -> bool:  # (a module re-run inside ``take`` makes no call: Capture ignores it)
+        take(site)
         return True
 
     plan = est.plan

@@ -181,3 +181,19 @@ def check_first_output(mas: MAS, who: str) -> Any:
 
     handle = mas.model.register_forward_hook(hook)
     return handle
+
+
+class FirstOutputCheck:
+    """A callback's :func:`check_first_output` hook: at most one armed at a time."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+
+    def arm(self, mas: MAS, who: str) -> None:
+        self.drop()
+        self._handle = check_first_output(mas, who)
+
+    def drop(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None

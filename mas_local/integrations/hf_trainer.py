@@ -18,8 +18,8 @@ from ..regularizer import MAS
 from ._common import (
     LABEL_KEYS,
     ConsolidationData,
+    FirstOutputCheck,
     PenaltyMeter,
-    check_first_output,
     check_mas_spec,
     check_max_batches,
     check_same_model,
@@ -113,6 +113,7 @@ class MASTrainerCallback(TrainerCallback):
         self.batch_size = batch_size
         self.collate_fn = collate_fn
         self.meter = PenaltyMeter()
+        self._output_check = FirstOutputCheck()
         self._stepped_at: int | None = None  # the global step whose penalty was added (one add per step)
         self._consolidated = False  # this train() consolidated already
 
@@ -149,15 +150,9 @@ class MASTrainerCallback(TrainerCallback):
         path = self._resume_path(args, state)
         if path is not None:
             self.load_state(path)
-        self._drop_output_check()
+        self._output_check.drop()
         if self.consolidate_on is not None:
-            self._output_check = check_first_output(self.mas, WHO)
-
-    def _drop_output_check(self) -> None:
-        handle = getattr(self, "_output_check", None)
-        if handle is not None:
-            handle.remove()
-        self._output_check = None
+            self._output_check.arm(self.mas, WHO)
 
     def _resume_path(self, args, state) -> str | None:
         if self.resume_from is not None:  # used once: a later train() (the next task) must not load it again
@@ -225,7 +220,7 @@ class MASTrainerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ consolidation
     def on_train_end(self, args, state, control, train_dataloader=None, eval_dataloader=None, **kwargs):
-        self._drop_output_check()
+        self._output_check.drop()
         if self.mas is None or self.consolidate_on is None:
             return
         if self._consolidated:

@@ -12,7 +12,7 @@ from ..regularizer import MAS
 from ._common import (
     LABEL_KEYS,
     ConsolidationData,
-    check_first_output,
+    FirstOutputCheck,
     check_mas_spec,
     check_max_batches,
     check_same_model,
@@ -79,6 +79,7 @@ class MASLightningCallback(pl.Callback):
         # from one whose training had ended (Lightning then skips on_train_start/end) consolidates at on_fit_end
         self._task_open = False
         self._ended_this_fit = False
+        self._output_check = FirstOutputCheck()
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -97,15 +98,9 @@ class MASLightningCallback(pl.Callback):
         _refuse_sharding(trainer)
         self._state_to_devices()
         self._task_open = True
-        self._drop_output_check()
+        self._output_check.drop()
         if self.consolidate_on is not None and self.mas is not None:
-            self._output_check = check_first_output(self.mas, WHO)
-
-    def _drop_output_check(self) -> None:
-        handle = getattr(self, "_output_check", None)
-        if handle is not None:
-            handle.remove()
-        self._output_check = None
+            self._output_check.arm(self.mas, WHO)
 
     def _state_to_devices(self) -> None:
         mas = self.mas
@@ -128,7 +123,7 @@ class MASLightningCallback(pl.Callback):
 
     # ------------------------------------------------------------------ consolidation
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._drop_output_check()
+        self._output_check.drop()
         self._ended_this_fit = True
         self._consolidate(trainer)
 
