@@ -43,7 +43,8 @@ def _numbers(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     from .experiments.config import DEFAULT_LAM_GRID, METHODS
     from .experiments.data import BENCHMARKS
-    from .experiments.models import HIDDEN, MODELS
+    from .experiments.models import HIDDEN, MODELS, TRAINING_DEFAULTS
+    from .experiments.transformer import DEPTH, HEADS, WIDTH
 
     parser = argparse.ArgumentParser(prog="mas-local", description="mas-local: Memory Aware Synapses for PyTorch.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -68,13 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="number of tasks in the sequence (>= 2; at most 5 for --benchmark split)",
     )
-    option("--epochs", type=int, default=5, help="training epochs per task")
+    per_model = "; ".join(f"{m} {e}" for m, (e, _, _) in TRAINING_DEFAULTS.items())
+    per_model_lr = "; ".join(f"{m} {lr:g}" for m, (_, lr, _) in TRAINING_DEFAULTS.items())
+    per_model_batch = "; ".join(f"{m} {b}" for m, (_, _, b) in TRAINING_DEFAULTS.items())
+    option(
+        "--epochs",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"training epochs per task (default per model: {per_model})",
+    )
     option(
         "--model",
         choices=MODELS,
         default="mlp",
         help=f"mlp: 64-{HIDDEN}-{HIDDEN}-head; cnn: two 3x3 convs on the 8x8 image, a {HIDDEN}-unit linear "
-        "layer and the head",
+        f"layer and the head; transformer: pre-LN encoder over 16 patches of 2x2 pixels, width {WIDTH}, "
+        f"{DEPTH} blocks of {HEADS}-head attention and a GELU MLP, mean pooling, the head",
     )
     option(
         "--benchmark",
@@ -101,8 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option("--out", default="runs/compare", help="output folder for results.json and the PNG plots")
     option("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
-    option("--batch-size", type=int, default=32, help="training batch size")
-    option("--lr", type=float, default=1e-3, help="Adam learning rate")
+    option(
+        "--batch-size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"training batch size (default per model: {per_model_batch})",
+    )
+    option(
+        "--lr", type=float, default=argparse.SUPPRESS, help=f"Adam learning rate (default per model: {per_model_lr})"
+    )
     option(
         "--threads",
         type=int,
@@ -136,15 +153,15 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cfg = Config(
         seeds=args.seeds,
         tasks=args.tasks,
-        epochs=args.epochs,
+        epochs=getattr(args, "epochs", None),  # absent: the model's default
         model=args.model,
         benchmark=args.benchmark,
         lam_grid=tuple(args.lam_grid),
         methods=tuple(args.methods),
         out=args.out,
         device=args.device,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        batch_size=getattr(args, "batch_size", None),
+        lr=getattr(args, "lr", None),
         threads=args.threads,
         quiet=args.quiet,
         plots=not args.no_plots,

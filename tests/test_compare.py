@@ -14,7 +14,7 @@ import torch
 
 import mas_local as ml
 from mas_local.cli import build_parser, main
-from mas_local.experiments import metrics
+from mas_local.experiments import metrics, plots
 from mas_local.experiments.config import METHODS
 from mas_local.experiments.data import make_tasks
 
@@ -115,7 +115,7 @@ def _run(tmp_path, *extra: str) -> dict:
 
 
 def _check_pngs(out) -> None:
-    for name in ("accuracy_matrices.png", "task1_accuracy.png", "importance_global_vs_local.png"):
+    for name in plots.FILES:
         path = out / name
         assert path.exists() and path.stat().st_size > 1000, name
         assert path.read_bytes()[:8] == PNG_MAGIC

@@ -37,12 +37,14 @@ def _results(model, curve: float, chance: float, rho: float = 1.0) -> tuple[dict
     rng = np.random.default_rng(0)
     omegas = {est: {p: rng.random(q.numel()) for p, q in model.named_parameters()} for est in plots.ESTIMATOR_ORDER}
     spearman = {f"{a} vs {b}": {p: {"mean": rho, "std": 0.0} for p in params} for a, b in ESTIMATOR_PAIRS}
+    kinds = sorted({lab["type"] for lab in labels.values()}) + ["whole model"]
+    by_type = {f"{a} vs {b}": {k: {"mean": rho, "std": 0.05} for k in kinds} for a, b in ESTIMATOR_PAIRS}
     results = {
         "config": {"benchmark": "split", "tasks": t, "model": "mlp", "epochs": 1, "seeds": 1},
         "tasks": [f"task {i}" for i in range(t)],
         "chance_accuracy": chance,
         "methods": methods,
-        "importance_comparison": {"spearman": spearman, "labels": labels},
+        "importance_comparison": {"spearman": spearman, "spearman_by_type": by_type, "labels": labels},
     }
     return results, [{"params": params, "omegas": omegas}]
 
@@ -55,14 +57,17 @@ def _close(fig):
 
 def test_parameter_labels_mlp_cnn_and_multi_head():
     mlp = parameter_labels(build_model("mlp", None, 10))
-    assert mlp["body.0.weight"] == {"layer": "layer 1", "module": "Linear 64→256", "tensor": "weight"}
-    assert mlp["body.2.bias"] == {"layer": "layer 2", "module": "Linear 256→256", "tensor": "bias"}
-    assert mlp["head.weight"] == {"layer": "head", "module": "Linear 256→10", "tensor": "weight"}
+    hidden, head = {"type": "hidden Linear"}, {"type": "head"}
+    assert mlp["body.0.weight"] == {"layer": "layer 1", "module": "Linear 64→256", "tensor": "weight", **hidden}
+    assert mlp["body.2.bias"] == {"layer": "layer 2", "module": "Linear 256→256", "tensor": "bias", **hidden}
+    assert mlp["head.weight"] == {"layer": "head", "module": "Linear 256→10", "tensor": "weight", **head}
     assert list(mlp) == [n for n, _ in build_model("mlp", None, 10).named_parameters()]
     cnn = parameter_labels(build_model("cnn", 5, 2))
     assert cnn["body.1.weight"]["module"] == "Conv 1→16 3×3"
-    assert cnn["body.3.weight"] == {"layer": "layer 2", "module": "Conv 16→32 3×3 stride 2", "tensor": "weight"}
-    assert cnn["body.6.bias"] == {"layer": "layer 3", "module": "Linear 512→256", "tensor": "bias"}
+    conv = {"layer": "layer 2", "module": "Conv 16→32 3×3 stride 2", "tensor": "weight", "type": "conv"}
+    assert cnn["body.3.weight"] == conv
+    assert cnn["body.6.bias"] == {"layer": "layer 3", "module": "Linear 512→256", "tensor": "bias", **hidden}
+    assert cnn["head.weight"]["type"] == "head"
     assert cnn["head.bias"]["module"] == "5 heads × 2, Linear 256→10"
     assert short_label("body.3.weight", cnn) == "layer 2 weight"
     assert short_label("other.weight", cnn) == "other.weight"
@@ -112,7 +117,7 @@ def test_accuracy_matrices_title_gives_chance():
     _close(fig)
 
 
-def test_write_all_writes_three_pngs(tmp_path):
+def test_write_all_writes_four_pngs(tmp_path):
     results, importance = _results(build_model("cnn", 3, 2), curve=0.8, chance=0.5, rho=0.3)
     paths = plots.write_all(results, importance, str(tmp_path))
     assert [p.rsplit("/", 1)[-1] for p in paths] == list(plots.FILES)
@@ -124,5 +129,31 @@ def test_write_all_writes_three_pngs(tmp_path):
 def test_table_uses_layer_names():
     results, _ = _results(build_model("mlp", None, 10), curve=0.9, chance=0.1, rho=0.5)
     text = table(results)
-    assert "after task 1: layer 1 weight 0.50, layer 1 bias 0.50" in text
+    assert "after task 1, per tensor: layer 1 weight 0.50, layer 1 bias 0.50" in text
+    assert "per layer type: head 0.50 ± 0.05, hidden Linear 0.50 ± 0.05, whole model 0.50 ± 0.05" in text
     assert "body.0" not in text
+
+
+def test_agreement_figure_one_group_per_layer_type_and_the_main_pair_first():
+    results, _ = _results(build_model("transformer", None, 10), curve=0.9, chance=0.1, rho=-0.2)
+    fig = plots.agreement_figure(results)
+    ax = fig.axes[0]
+    ticks = ["".join(t.get_text().split()) for t in ax.get_xticklabels()]  # labels are wrapped
+    kinds = list(results["importance_comparison"]["spearman_by_type"]["global-sample vs local-hebbian"])
+    assert ticks == ["".join(k.split()) for k in kinds] and "attentionq/k/v" in ticks and "wholemodel" in ticks
+    bars = [p for p in ax.patches]
+    assert len(bars) == len(kinds) * len(ESTIMATOR_PAIRS)
+    assert all(abs(b.get_height() + 0.2) < 1e-9 for b in bars)
+    assert ax.get_ylim()[0] < -0.25  # the negative bars and their error bars are in view
+    _close(fig)
+
+
+def test_importance_figure_stays_readable_on_the_transformer():
+    results, importance = _results(build_model("transformer", None, 10), curve=0.9, chance=0.1)
+    fig = plots.importance_figure(results, importance)
+    top, *hists = fig.axes
+    n_weights = sum(1 for p in importance[0]["params"] if p.endswith("weight"))
+    assert len(top.get_xticklabels()) == n_weights  # weights only: 36 tensors would not fit
+    assert 2 <= len(hists) <= plots.MAX_HISTOGRAMS
+    assert fig.get_size_inches()[0] < 40
+    _close(fig)

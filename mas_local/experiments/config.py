@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import BENCHMARKS, SPLIT_MAX_TASKS
-from .models import MODELS
+from .models import MODELS, TRAINING_DEFAULTS
 
 METHODS = ("finetune", "joint", "global-sample", "global-batch", "local-hebbian", "local-sample")
 MAS_METHODS = {  # method -> (mode, estimator) of mas_local.MAS
@@ -26,15 +26,15 @@ class Config:
 
     seeds: int = 3
     tasks: int = 5
-    epochs: int = 5
+    epochs: int | None = None  # None: the model's default (models.TRAINING_DEFAULTS)
     model: str = "mlp"
     benchmark: str = "permuted"
     lam_grid: tuple[float, ...] = DEFAULT_LAM_GRID
     methods: tuple[str, ...] = METHODS
     out: str = "runs/compare"
     device: str = "cpu"
-    batch_size: int = 32
-    lr: float = 1e-3
+    batch_size: int | None = None  # None: the model's default (models.TRAINING_DEFAULTS)
+    lr: float | None = None  # None: the model's default (models.TRAINING_DEFAULTS)
     importance_batch_size: int = 128
     threads: int = 1
     quiet: bool = False
@@ -44,7 +44,7 @@ class Config:
         return any(m in MAS_METHODS for m in self.methods)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` with a readable message for any bad setting."""
+        """Fill in the model's default epochs and lr where unset; raise ``ValueError`` for any bad setting."""
         if self.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
         if self.tasks < 2:
@@ -57,6 +57,10 @@ class Config:
             )
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
+        epochs, lr, batch_size = TRAINING_DEFAULTS[self.model]
+        self.epochs = epochs if self.epochs is None else self.epochs
+        self.lr = lr if self.lr is None else self.lr
+        self.batch_size = batch_size if self.batch_size is None else self.batch_size
         if self.epochs < 1:
             raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
         if not self.methods:

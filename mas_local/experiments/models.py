@@ -1,4 +1,4 @@
-"""The compared networks: an MLP and a small CNN on 8×8 digits, with a shared or a multi-head output."""
+"""The compared networks: an MLP, a small CNN and a small transformer on 8×8 digits, shared or multi-head output."""
 
 from __future__ import annotations
 
@@ -6,8 +6,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODELS = ("mlp", "cnn")
+from . import transformer
+
+MODELS = ("mlp", "cnn", "transformer")
 HIDDEN = 256  # width of the hidden layers (mlp) and of the cnn's linear layer
+# per-model training defaults (epochs per task, Adam lr, batch size): the transformer needs more epochs and a
+# larger lr to learn from 1078 images; batches of 64 keep its 10 epochs within the run's time budget
+TRAINING_DEFAULTS = {"mlp": (5, 1e-3, 32), "cnn": (5, 1e-3, 32), "transformer": (10, 3e-3, 64)}
+LAYER_TYPES = {
+    "mlp": ("hidden Linear", "head"),
+    "cnn": ("conv", "hidden Linear", "head"),
+    "transformer": (
+        "embeddings/positions",
+        "attention q/k/v",
+        "attention out",
+        "MLP in",
+        "MLP out",
+        "norms",
+        "head",
+    ),
+}
 
 
 class MultiHead(nn.Module):
@@ -46,7 +64,8 @@ class Net(nn.Module):
 
 
 def build_model(kind: str, n_heads: int | None, n_classes: int) -> Net:
-    """``mlp`` or ``cnn`` on ``[N, 64]`` inputs; ``n_heads`` set means a :class:`MultiHead`."""
+    """``mlp``, ``cnn`` or ``transformer`` on ``[N, 64]`` inputs; ``n_heads`` set means a :class:`MultiHead`."""
+    features = HIDDEN
     if kind == "mlp":
         body = nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU())
     elif kind == "cnn":
@@ -60,9 +79,12 @@ def build_model(kind: str, n_heads: int | None, n_classes: int) -> Net:
             nn.Linear(32 * 4 * 4, HIDDEN),
             nn.ReLU(),
         )
+    elif kind == "transformer":
+        body = transformer.Encoder()
+        features = body.width
     else:
         raise ValueError(f"unknown model {kind!r}; choose from {', '.join(MODELS)}")
-    head = nn.Linear(HIDDEN, n_classes) if n_heads is None else MultiHead(HIDDEN, n_heads, n_classes)
+    head = nn.Linear(features, n_classes) if n_heads is None else MultiHead(features, n_heads, n_classes)
     return Net(body, head)
 
 
@@ -102,27 +124,58 @@ def _describe(module: nn.Module) -> str:
         return text + (f" stride {module.stride[0]}" if module.stride != (1, 1) else "")
     if isinstance(module, nn.Linear):
         return f"Linear {module.in_features}→{module.out_features}"
+    if isinstance(module, nn.LayerNorm):
+        return f"LayerNorm {module.normalized_shape[0]}"
+    if isinstance(module, transformer.Positions):
+        return f"positions {module.weight.shape[0]}×{module.weight.shape[1]}"
     return type(module).__name__
+
+
+def layer_type(name: str, module: nn.Module) -> str:
+    """The layer type a module with parameters belongs to (one of :data:`LAYER_TYPES`), from its name and class."""
+    if name == "head" or name.startswith("head."):
+        return "head"
+    found = transformer.layer_type(name, module)
+    if found is not None:
+        return found
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "hidden Linear"
+    return type(module).__name__
+
+
+def _transformer_layer(prefix: str) -> str:
+    """``body.blocks.0.attn.q`` → ``block 1 attn.q``; ``body.pos`` → ``pos``."""
+    parts = prefix.split(".")[1:]
+    if len(parts) >= 2 and parts[0] == "blocks":
+        return f"block {int(parts[1]) + 1} " + ".".join(parts[2:])
+    return ".".join(parts)
 
 
 def parameter_labels(model: Net) -> dict[str, dict[str, str]]:
     """Readable names of the parameter tensors, keyed by ``named_parameters`` name.
 
     ``body.0.weight`` of the MLP becomes ``{"layer": "layer 1", "module": "Linear 64→256",
-    "tensor": "weight"}``: the body's layers that hold parameters are numbered from 1, the
-    output layer is ``head``.
+    "tensor": "weight", "type": "hidden Linear"}``: the body's layers that hold parameters are
+    numbered from 1, the output layer is ``head``; the transformer's layers keep their path
+    (``block 1 attn.q``). ``type`` is the layer type (:func:`layer_type`).
     """
     labels: dict[str, dict[str, str]] = {}
     number = 0
+    is_transformer = isinstance(getattr(model, "body", None), transformer.Encoder)
     for prefix, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         if not own:
             continue
         if prefix == "head":
             layer = "head"
+        elif is_transformer:
+            layer = _transformer_layer(prefix)
         else:
             number += 1
             layer = f"layer {number}"
+        kind = layer_type(prefix, module)
         for tensor, _ in own:
-            labels[f"{prefix}.{tensor}"] = {"layer": layer, "module": _describe(module), "tensor": tensor}
+            labels[f"{prefix}.{tensor}"] = {"layer": layer, "module": _describe(module), "tensor": tensor, "type": kind}
     return labels

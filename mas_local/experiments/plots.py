@@ -1,4 +1,4 @@
-"""The three PNGs of ``mas-local compare`` (matplotlib, Agg backend, imported only when plotting).
+"""The four PNGs of ``mas-local compare`` (matplotlib, Agg backend, imported only when plotting).
 
 Each ``*_figure`` function builds a figure from the results dict (see
 :func:`~.report.aggregate`); :func:`write_all` saves them. docs/compare.md ("Plots")
@@ -12,7 +12,14 @@ import textwrap
 
 import numpy as np
 
-FILES = ("accuracy_matrices.png", "task1_accuracy.png", "importance_global_vs_local.png")
+FILES = (
+    "accuracy_matrices.png",
+    "task1_accuracy.png",
+    "importance_global_vs_local.png",
+    "agreement_by_layer_type.png",
+)
+MAX_TENSOR_BARS = 12  # more tensors than this (the transformer): bars for the weights only
+MAX_HISTOGRAMS = 6
 ESTIMATOR_ORDER = ("global-sample", "global-batch", "local-hebbian", "local-sample")
 DPI = 110
 
@@ -112,8 +119,18 @@ def importance_figure(results: dict, importance: list[dict]):
     labels = imp.get("labels") or {}
     params = list(first["params"])
     weights = [p for p in params if p.endswith("weight")] or params
+    if len(params) > MAX_TENSOR_BARS:
+        params = weights
+    # histograms: every weight of a small model; one weight per layer type of a large one
+    shown, kinds = [], set()
+    for p in weights:
+        kind = labels.get(p, {}).get("type", p)
+        if len(weights) <= MAX_HISTOGRAMS or kind not in kinds:
+            shown.append(p)
+            kinds.add(kind)
+    weights = shown[:MAX_HISTOGRAMS]
     ncol = max(2, len(weights))
-    fig = plt.figure(figsize=(3.0 * ncol, 6.0), layout="constrained")
+    fig = plt.figure(figsize=(max(3.0 * ncol, 1.1 * len(params)), 6.0), layout="constrained")
     gs = fig.add_gridspec(2, ncol, height_ratios=[1.1, 1.0])
     ax = fig.add_subplot(gs[0, :])
     pairs = list(imp["spearman"])
@@ -163,14 +180,64 @@ def importance_figure(results: dict, importance: list[dict]):
     return fig
 
 
+def agreement_figure(results: dict):
+    """Spearman ρ of Ω per layer type (pooled over the type's parameters) for each estimator pair, mean ± std."""
+    plt = _plt()
+    imp = results.get("importance_comparison")
+    by_type = (imp or {}).get("spearman_by_type") or {}
+    if not by_type:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no MAS method was run: no importance to compare", ha="center", va="center")
+        return fig
+    pairs = list(by_type)
+    kinds = list(by_type[pairs[0]])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * len(kinds) + 2.5), 3.8), layout="constrained")
+    width = 0.8 / len(pairs)
+    x = np.arange(len(kinds))
+    lows = [0.0]
+    for k, pair in enumerate(pairs):
+        vals = [by_type[pair].get(kind, {"mean": None, "std": None}) for kind in kinds]
+        mean = np.array([v["mean"] if v["mean"] is not None else np.nan for v in vals], dtype=float)
+        std = np.array([v["std"] if v["std"] is not None else 0.0 for v in vals], dtype=float)
+        # the paper's question (global vs Hebbian) stands out; the other pairs are context
+        main = pair == "global-sample vs local-hebbian"
+        ax.bar(
+            x + (k - (len(pairs) - 1) / 2) * width,
+            mean,
+            width,
+            yerr=std,
+            capsize=2,
+            label=pair,
+            alpha=1.0 if main else 0.55,
+            edgecolor="black" if main else None,
+            lw=0.6,
+        )
+        lows.extend((mean - std)[~np.isnan(mean)])
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xticks(x, [textwrap.fill(kind, 12) for kind in kinds], fontsize=8)
+    ax.set_ylim(min(lows) - 0.05, 1.05)
+    ax.set_ylabel("Spearman ρ of Ω (pooled per type)")
+    cfg = results.get("config", {})
+    ax.set_title(
+        f"Where local importance tracks global importance: {cfg.get('model', '')} after task 1, "
+        f"mean ± std over {cfg.get('seeds', '?')} seed(s)",
+        fontsize=9,
+    )
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, title="pair", title_fontsize=7)
+    return fig
+
+
 def write_all(results: dict, importance: list[dict], out: str) -> list[str]:
-    """Write the three PNGs into ``out``; returns their paths."""
+    """Write the four PNGs into ``out``; returns their paths."""
     plt = _plt()
     os.makedirs(out, exist_ok=True)
     figures = (
         accuracy_matrices_figure(results),
         task1_accuracy_figure(results),
         importance_figure(results, importance),
+        agreement_figure(results),
     )
     paths = []
     for name, fig in zip(FILES, figures):

@@ -28,6 +28,10 @@ METRIC_DEFINITIONS = {
     "learning_acc": "mean_j R[j][j]",
     "chance_accuracy": "accuracy of a uniform guess among a task's classes (1/10 with the shared head, 1/2 for split)",
     "importance_seconds": "seconds inside mas.consolidate over the whole sequence",
+    "importance_seconds_per_task": "seconds of one mas.consolidate (mean over the sequence's consolidations)",
+    "importance_peak_mib": "peak extra memory (MiB) of the method's estimator on the task-1 model and images "
+    "(torch's allocator: CUDA peak counter, or the CPU allocator's events under torch.profiler)",
+    "spearman_by_type": "Spearman rho of two estimators' Omega over all parameters of one layer type pooled",
     "penalty_overhead": "fastest step seconds with loss + mas.penalty() / without - 1 (interleaved, one batch)",
     "penalty_overhead_fused": "same with mas.add_penalty_grad_() after backward instead of penalty()",
     "train_seconds_per_step": "training seconds / optimizer steps on tasks >= 2 (all lambda candidates)",
@@ -42,6 +46,13 @@ def aggregate(cfg: Config, records: dict[str, list[dict]], importance: list[dict
         mats = np.array([r["acc_matrix"] for r in recs])
         summary = {k: metrics.mean_std([r["metrics"][k] for r in recs]) for k in recs[0]["metrics"]}
         summary["importance_seconds"] = metrics.mean_std([r["importance_seconds"] for r in recs])
+        summary["importance_seconds_per_task"] = None
+        summary["importance_peak_mib"] = None
+        if m in MAS_METHODS:
+            per_task = [float(np.mean(r["consolidate_seconds"])) for r in recs]
+            summary["importance_seconds_per_task"] = metrics.mean_std(per_task)
+            if importance:
+                summary["importance_peak_mib"] = metrics.mean_std([i["peak_bytes"][m] / 2**20 for i in importance])
         rate = [sum(r["train_seconds"][1:]) / max(1, sum(r["train_steps"][1:])) for r in recs]
         summary["train_seconds_per_step"] = metrics.mean_std(rate)
         summary["penalty_overhead"] = None
@@ -61,15 +72,17 @@ def aggregate(cfg: Config, records: dict[str, list[dict]], importance: list[dict
         }
     imp_summary = None
     if importance:
-        imp_summary = {"seconds": {}, "spearman": {}}
+        imp_summary = {"seconds": {}, "peak_mib": {}, "spearman": {}, "spearman_by_type": {}}
         for name in importance[0]["seconds"]:
             imp_summary["seconds"][name] = metrics.mean_std([i["seconds"][name] for i in importance])
-        for pair, per_param in importance[0]["spearman"].items():
-            imp_summary["spearman"][pair] = {
-                p: metrics.mean_std([i["spearman"][pair][p] for i in importance]) for p in per_param
-            }
+            imp_summary["peak_mib"][name] = metrics.mean_std([i["peak_bytes"][name] / 2**20 for i in importance])
+        for key in ("spearman", "spearman_by_type"):
+            for pair, per_group in importance[0][key].items():
+                imp_summary[key][pair] = {g: metrics.mean_std([i[key][pair][g] for i in importance]) for g in per_group}
         imp_summary["labels"] = importance[0]["labels"]
-        imp_summary["per_seed"] = [{"seconds": i["seconds"], "spearman": i["spearman"]} for i in importance]
+        imp_summary["per_seed"] = [
+            {k: i[k] for k in ("seconds", "peak_bytes", "spearman", "spearman_by_type")} for i in importance
+        ]
         imp_summary["protocol"] = "model after task 1 (shared by all methods), task-1 training images, per tensor"
     return {
         "config": asdict(cfg),
@@ -129,6 +142,9 @@ def jsonable(x):
     return x
 
 
+MAX_TENSORS_IN_TABLE = 12  # beyond this (the transformer) the table gives ρ per layer type only
+
+
 def _fmt_pm(ms: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     if ms is None or ms["mean"] is None or (isinstance(ms["mean"], float) and math.isnan(ms["mean"])):
         return "-"
@@ -163,7 +179,8 @@ def table(results: dict) -> str:
         "avg acc %",
         "BWT %",
         "forgetting %",
-        "Ω time s",
+        "Ω s/task",
+        "Ω peak MiB",
         "penalty +% (autograd/fused)",
         "chosen λ (×count)",
     ]
@@ -176,7 +193,8 @@ def table(results: dict) -> str:
                 _fmt_pm(s["avg_acc"]),
                 _fmt_pm(s["bwt"]),
                 _fmt_pm(s["forgetting"]),
-                _fmt_pm(s["importance_seconds"], 1.0, 2) if m in MAS_METHODS else "-",
+                _fmt_pm(s.get("importance_seconds_per_task"), 1.0, 3),
+                _fmt_pm(s.get("importance_peak_mib"), 1.0, 2),
                 _fmt_overhead(s),
                 _fmt_lams(r["chosen_lam"]),
             ]
@@ -193,10 +211,14 @@ def table(results: dict) -> str:
     if imp:
         pair = "global-sample vs local-hebbian"
         vals = imp["spearman"].get(pair, {})
-        if vals:
+        if vals and len(vals) <= MAX_TENSORS_IN_TABLE:
             labels = imp.get("labels")
             cells = ", ".join(
                 f"{short_label(p, labels)} {v['mean']:.2f}" for p, v in vals.items() if v["mean"] is not None
             )
-            out.append(f"Spearman ρ(Ω) {pair} after task 1: {cells}")
+            out.append(f"Spearman ρ(Ω) {pair} after task 1, per tensor: {cells}")
+        by_type = imp.get("spearman_by_type", {}).get(pair, {})
+        if by_type:
+            cells = ", ".join(f"{kind} {_fmt_pm(v, 1.0, 2)}" for kind, v in by_type.items())
+            out.append(f"Spearman ρ(Ω) {pair} after task 1, per layer type: {cells}")
     return "\n".join(out)

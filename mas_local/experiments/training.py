@@ -49,7 +49,7 @@ def train(
     With ``penalty`` and ``lam != 0`` the loss is ``cross_entropy + lam * penalty()``.
     """
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)  # one fused update: faster on CPU too
     gen = torch.Generator().manual_seed(shuffle_seed)
     n = x.shape[0]
     steps = 0
@@ -88,7 +88,7 @@ def measure_penalty_overhead(model: Net, mas, task: Task, cfg: Config, steps: in
     """
     device = torch.device(cfg.device)
     saved = snapshot(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)  # one fused update: faster on CPU too
     n = min(cfg.batch_size, task.x["train"].shape[0])
     x, y, ids = task.x["train"][:n], task.y["train"][:n], task_ids(task, "train")[:n]
     times: dict[str, list[float]] = {"plain": [], "autograd": [], "fused": []}
