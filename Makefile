@@ -4,12 +4,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest pytest-benchmark transformers accelerate lightning peft==0.21.2 scikit-learn matplotlib ruff ninja setuptools wheel
 STAMP := $(VENV)/.installed
+# The Avalanche plugin's tests (tests_avalanche/) run in a second venv: avalanche-lib 0.6 needs a torchvision
+# that loads only beside torch 2.14.1 (a CUDA build; it runs on the CPU). mas-local comes from the checkout on
+# PYTHONPATH, not installed there, so the main venv's in-tree mas_local/_C.so (built for torch 2.13) is neither
+# rebuilt nor used: that suite runs the torch backend (tests_avalanche/conftest.py).
+AVA_VENV ?= .venv-avalanche
+AVA_PY := $(AVA_VENV)/bin/python
+AVA_DEPS := torch==2.14.1 torchvision==0.29.1 "numpy<2.4"
+AVA_STAMP := $(AVA_VENV)/.installed
 
-.PHONY: demo test bench lint build clean gpu-check
+.PHONY: demo test test-avalanche bench lint build clean gpu-check
 
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+$(AVA_STAMP): Makefile
+	test -x $(AVA_PY) || python3 -m venv $(AVA_VENV)
+	$(AVA_PY) -m pip install -q $(AVA_DEPS)
+	$(AVA_PY) -m pip install -q avalanche-lib==0.6.0 pytest scikit-learn tqdm
 	touch $@
 
 build: $(STAMP)
@@ -22,6 +36,10 @@ test: build
 	$(PY) -m ruff check .
 	PYTHON=$(PY) bash csrc/check_cuda_compile.sh
 	$(PY) -m pytest -q -ra
+	$(MAKE) test-avalanche
+
+test-avalanche: $(AVA_STAMP)
+	PYTHONPATH="$(CURDIR)" $(AVA_PY) -m pytest -q -ra -p no:cacheprovider tests_avalanche
 
 bench: build
 	$(PY) -m pytest -q bench --benchmark-only

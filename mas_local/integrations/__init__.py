@@ -2,8 +2,9 @@
 
 - :class:`MASTrainerCallback`: Hugging Face ``transformers.Trainer`` (``pip install 'mas-local[hf]'``).
 - :class:`MASLightningCallback`: Lightning ``Trainer`` (``pip install 'mas-local[lightning]'``).
+- :class:`MASAvalanchePlugin`: Avalanche strategies (``pip install 'mas-local[avalanche]'``).
 
-Each is imported on first use, so ``import mas_local.integrations`` imports neither framework;
+Each is imported on first use, so ``import mas_local.integrations`` imports no framework;
 using a callback whose framework is missing raises an ``ImportError`` naming the extra to install.
 """
 
@@ -11,9 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MASLightningCallback", "MASTrainerCallback"]
+__all__ = ["MASAvalanchePlugin", "MASLightningCallback", "MASTrainerCallback"]
 
-_WHERE = {"MASTrainerCallback": "hf_trainer", "MASLightningCallback": "lightning"}
+_WHERE = {
+    "MASTrainerCallback": "hf_trainer",
+    "MASLightningCallback": "lightning",
+    "MASAvalanchePlugin": "avalanche_plugin",
+}
 
 
 def __getattr__(name: str) -> Any:
