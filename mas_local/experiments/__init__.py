@@ -5,12 +5,14 @@ user's guide. One module per concept, imported in this order (none imports a lat
 
 ``metrics``               accuracy-matrix metrics (average accuracy, BWT, forgetting) and Spearman ρ
 ``data``                  the digits splits and the task sequences (permuted, split, rotated)
-``models``                the MLP and the CNN, the multi-head output, readable layer names
+``transformer``           the small ViT-style encoder and its layer types
+``models``                the MLP, the CNN and the transformer, the multi-head output, layer names and types
 ``config``                the settings (:class:`~.config.Config`), the method names, validation
 ``training``              one task's training loop, accuracy, the penalty's step overhead
-``importance_agreement``  the four estimators on one model, compared by Spearman ρ per tensor
+``cost``                  the peak extra memory of a call (CUDA peak counter, or the CPU allocator's events)
+``importance_agreement``  the four estimators on one model, Spearman ρ per tensor and per layer type, their cost
 ``report``                aggregation over seeds, the terminal table, the JSON-ready results
-``plots``                 the three PNGs
+``plots``                 the four PNGs
 ``protocol``              the whole run: seeds, methods, λ selection; :func:`~.protocol.run`
 
 Data
@@ -31,6 +33,11 @@ Benchmarks (task sequences built from those splits)
 Models
     ``mlp``  64 → 256 → 256 → head, ReLU (default; the width is ``models.HIDDEN``).
     ``cnn``  conv 1→16 3×3 → conv 16→32 3×3 stride 2 → linear 512 → 256 → head, ReLU.
+    ``transformer``  the 8×8 image cut into 16 patches of 2×2 pixels, a Linear patch embedding
+             (4 → 32) and learned positions, 2 pre-LN blocks (4-head softmax attention with
+             q/k/v/out Linear layers; MLP 32 → 64 → 32 with GELU), a final LayerNorm, the mean
+             over tokens, the head. Trained for 8 epochs per task at lr 3e-3, batch 64
+             (``models.TRAINING_DEFAULTS``; the MLP and CNN: 5 epochs, 1e-3, 32).
     The multi-head output of ``split`` is one :class:`~.models.MultiHead` module whose
     forward returns only the active task's two logits while importance is estimated, so
     the importance (global or local) of a head row comes from its own task only.
@@ -45,8 +52,8 @@ Methods
     ``local-sample``   MAS, ``mode="local", estimator="sample"``.
     Every method starts each seed from the same initial weights, and the first task is
     trained once per seed and shared (all methods do the same thing on it). Each task
-    is trained for ``--epochs`` epochs of Adam (lr 1e-3, batch 32, a fresh optimizer per
-    task, the same shuffling for every method and λ). After each task a MAS method
+    is trained for ``--epochs`` epochs of Adam (the model's lr and batch size, a fresh optimizer
+    per task, the same shuffling for every method and λ). After each task a MAS method
     calls ``mas.consolidate`` on that task's training images (labels unused), which
     adds the task's Ω to the running sum (``accumulate="sum"``) and stores θ*.
 
@@ -73,10 +80,11 @@ Metrics (mean ± std over ``--seeds``; std is the population std, ddof 0)
     ``mas.penalty()`` and for the fused ``mas.add_penalty_grad_()``).
     Global and local importance are compared on the model after task 1: all four
     estimators are computed with ``compute_importance`` on the task-1 training images
-    and compared per parameter tensor by Spearman rank correlation; the histograms of
-    log10 Ω are plotted.
+    and compared by Spearman rank correlation per parameter tensor and per layer type
+    (all the type's parameters pooled); each estimator's peak extra memory is measured
+    there too; the histograms of log10 Ω are plotted.
 
 Outputs in ``--out``: ``results.json`` (every number, the configuration and the
-environment), ``accuracy_matrices.png``, ``task1_accuracy.png`` and
-``importance_global_vs_local.png``; a table goes to the terminal.
+environment), ``accuracy_matrices.png``, ``task1_accuracy.png``,
+``importance_global_vs_local.png`` and ``agreement_by_layer_type.png``; a table goes to the terminal.
 """
