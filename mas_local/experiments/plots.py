@@ -180,6 +180,25 @@ def importance_figure(results: dict, importance: list[dict]):
     return fig
 
 
+def _wrap(label: str, width: int = 12) -> str:
+    """Break a tick label between words, and a long word after a slash (``embeddings/`` ``positions``)."""
+    pieces: list[str] = []
+    for word in label.split(" "):
+        if len(word) > width and "/" in word:
+            head, _, tail = word.partition("/")
+            pieces += [head + "/", tail]
+        else:
+            pieces.append(word)
+    lines = [pieces[0]]
+    for piece in pieces[1:]:
+        joiner = "" if lines[-1].endswith("/") else " "
+        if len(lines[-1]) + len(joiner) + len(piece) <= width and not lines[-1].endswith("/"):
+            lines[-1] += joiner + piece
+        else:
+            lines.append(piece)
+    return "\n".join(lines)
+
+
 def agreement_figure(results: dict):
     """Spearman ρ of Ω per layer type (pooled over the type's parameters) for each estimator pair, mean ± std."""
     plt = _plt()
@@ -215,7 +234,7 @@ def agreement_figure(results: dict):
         )
         lows.extend((mean - std)[~np.isnan(mean)])
     ax.axhline(0, color="black", lw=0.5)
-    ax.set_xticks(x, [textwrap.fill(kind, 12) for kind in kinds], fontsize=8)
+    ax.set_xticks(x, [_wrap(kind) for kind in kinds], fontsize=8)
     ax.set_ylim(min(lows) - 0.05, 1.05)
     ax.set_ylabel("Spearman ρ of Ω (pooled per type)")
     cfg = results.get("config", {})
