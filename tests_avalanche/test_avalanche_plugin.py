@@ -139,7 +139,8 @@ def fake_strategy(model: nn.Module, data, mb: int = 4) -> SimpleNamespace:
 
 
 def rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max())
+    ours, theirs = ours.detach().double(), theirs.detach().double()
+    return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
 # ---------------------------------------------------------------------------- brute force
@@ -358,6 +359,10 @@ def test_bad_settings_are_refused_at_creation():
         MASAvalanchePlugin(ml.MAS(MLP()), lam=2.0)
     with pytest.raises(ValueError, match="batch_size"):
         MASAvalanchePlugin(batch_size=0)
+    with pytest.raises(ValueError, match="unknown accumulate"):
+        MASAvalanchePlugin(accumulate="mean")
+    with pytest.raises(ValueError, match="lam"):
+        MASAvalanchePlugin({"lam": -1.0})
 
 
 def test_a_mas_object_without_task_labels_is_refused_for_a_multi_task_model():

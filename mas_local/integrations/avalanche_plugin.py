@@ -127,6 +127,9 @@ class MASAvalanchePlugin(SupervisedPlugin):
         ):
             raise ValueError(f"{WHO}: batch_size must be a positive int or None, got {batch_size!r}")
         check_max_batches(max_batches, WHO)
+        # the values too (mode, estimator, lam, ...): a bad one fails here, not when training starts; the
+        # activation names modules of the real model, so it is checked against that one
+        MAS(nn.Linear(1, 1), **{k: v for k, v in spec.items() if k != "activation"})
         spec.setdefault("forward_fn", avalanche_forward_fn)
         self._spec = spec
         self.mas: MAS | None = mas if isinstance(mas, MAS) else None
