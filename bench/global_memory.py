@@ -46,6 +46,16 @@ def ours(model, ids):
     ml.compute_importance(model, [{"input_ids": ids}], "global", "sample", progress=False, verify="off")
 
 
+def ours_kept(model, ids):  # every call's Δ held until the backward ends (the path before streaming)
+    ml.compute_importance(model, [{"input_ids": ids}], "global", "sample", progress=False, verify="off", stream=False)
+
+
+def ours_checked(model, ids):  # two batches: the first self-checked (kept), the second streamed
+    half = ids.shape[0] // 2
+    batches = [{"input_ids": ids[:half]}, {"input_ids": ids[half:]}]
+    ml.compute_importance(model, batches, "global", "sample", progress=False)
+
+
 def loop(model, ids):
     params = [p for p in model.parameters() if p.requires_grad]
     acc = [torch.zeros_like(p) for p in params]
@@ -89,7 +99,9 @@ def main(argv=None) -> int:
     omega_mib = sum(p.numel() for p in model.parameters()) * 4 / 2**20
     runs = {
         "forward+backward of Σ‖f‖² (the training step's memory)": forward_backward,
-        "global sample (mas-local)": ours,
+        "global sample (mas-local), verify='off'": ours,
+        "global sample, stream=False, verify='off'": ours_kept,
+        "global sample, two half batches, the first self-checked": ours_checked,
         "per-sample autograd loop": loop,
         "torch.func.vmap(grad)": vmapped,
     }

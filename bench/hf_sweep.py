@@ -255,8 +255,10 @@ def write_markdown(results, path: Path, command: str, elapsed: float):
         " global sample Ω, the size of the gradients whose sum it takes: a sum that cancels keeps their"
         " rounding error, as in MobileViT's, whose output is about 1e-41):",
         "",
-        '- **global sample**: `compute_importance(mode="global", estimator="sample")` on the padded batches'
-        " against the brute-force loop over the *unpadded* samples, each alone: (1/N) Σ_k |∂‖f(x_k)‖²/∂θ|.",
+        '- **global sample**: `compute_importance(mode="global", estimator="sample")` on the padded batches,'
+        " each given twice (the second of each batch signature skips the self-check and is reduced during the"
+        " backward, the streamed path), against the brute-force loop over the *unpadded* samples, each alone:"
+        " (1/N) Σ_k |∂‖f(x_k)‖²/∂θ|.",
         '- **global batch**: `estimator="batch"` against the official formula'
         " (1/#B) Σ_B |Σ_{k∈B} ∂‖f(x_k)‖²/∂θ| / b_B"
         " (the gradients from the unpadded samples; two batches of unequal sizes).",

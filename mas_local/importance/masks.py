@@ -36,12 +36,15 @@ def aligned_mask(t: Tensor, dim: BatchDim, mask: Tensor, features: bool = False)
 
 def masked_squared_norm(out: Tensor, mask: Tensor | None) -> Tensor:
     """Σ_k ‖f(x_k)‖² over real positions (all positions when the output has no positions axis)."""
-    squares = (out if out.dtype == torch.float64 else out.float()).pow(2)
+    f = out if out.dtype == torch.float64 else out.float()
+    # 2·Σ f.detach()·f: the same value and gradient 2f as Σ f², but its backward makes one tensor of f's size
+    # (Δ itself) where pow's makes three (a language model's logits: three times [B, T, vocab])
+    weight = f.detach()
     if mask is not None:
         m = aligned_mask(out, 0, mask)
         if m is not None:
-            squares = squares * m
-    return squares.sum()
+            weight = weight * m
+    return 2 * (weight * f).sum()
 
 
 def row_mask(x: Tensor, dim: BatchDim, mask: Tensor) -> Tensor | None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ImportanceError, LayoutError
+from .backward_stream import can_stream_backward, stream_global
 from .capture import Capture, Site
 from .guards import check_output
 from .reduction import reduce_sites
@@ -57,8 +58,14 @@ def same_output(est, out: Tensor) -> bool:
     ref = est._probe_out
     if out.shape != ref.shape:
         return False
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    return bool(torch.allclose(out.detach(), ref, rtol=1e-5, atol=1e-6 * scale))
+    lo, hi = ref.aminmax() if ref.numel() else (ref.new_zeros(()), ref.new_zeros(()))
+    scale = max(-float(lo), float(hi))  # max |ref| without a temporary of ref's size
+    a, b = out.detach().reshape(-1), ref.reshape(-1)
+    step = 1 << 22  # in slices: allclose makes several temporaries the size of its inputs (a model's logits)
+    return all(
+        bool(torch.allclose(a[i : i + step], b[i : i + step], rtol=1e-5, atol=1e-6 * scale))
+        for i in range(0, a.numel(), step)
+    )
 
 
 def needs_samples(est, rule, site: Site) -> bool:
@@ -145,6 +152,15 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
                     "samples its tensors' sizes do not show (gathered tokens, windows or heads folded into the "
                     "batch)"
                 )
+    layouts = (key, tuple(s.layout for s in sites))
+    verify_due = (
+        not streamed
+        and batch is not None
+        and est.config.verify != "off"
+        and est.estimator != "batch"
+        and not est.sharded
+        and (est.config.verify == "every" or est.book.needs_check(layouts))
+    )
     with grad_ctx:
         if est.mode == "local":
             est._local_deltas(sites)
@@ -152,24 +168,20 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
             for rule, _ in est.plan.sites[id(s.module)].groups:
                 rule.check(est.acc, s, est._needs_samples(rule, s))
         if est.mode == "global":
-            est._global_deltas(out, sites)
+            kept = None if verify_due or not can_stream_backward(est) else stream_global(est, out, sites)
+            if kept is None:
+                est._global_deltas(out, sites)
+            else:  # the other calls were reduced during the backward (mas_local.importance.backward_stream)
+                sites = kept
     if not streamed and key is not None and est.mode == "local":
         est.book.note_calls(key, Counter(id(s.module) for s in sites))
     if streamed and streamer.check is not None:  # the streamed calls were added as they returned
         streamer.check.add(sites)
         streamer.check.finish()
         est.book.checked((key, tuple(streamer.layouts)))
-    if (
-        not streamed
-        and batch is not None
-        and est.config.verify != "off"
-        and est.estimator != "batch"
-        and not est.sharded
-    ):
-        layouts = (key, tuple(s.layout for s in sites))
-        if est.config.verify == "every" or est.book.needs_check(layouts):
-            verify_batch(est, batch, sites, est.batch_samples, est._mask)
-            est.book.checked(layouts)
+    if verify_due:
+        verify_batch(est, batch, sites, est.batch_samples, est._mask)
+        est.book.checked(layouts)
     # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.
     # no autograd history for the statistics (the generic rule's torch.func transforms ignore no_grad)
     with torch.autocast(est._device_type, enabled=False), torch.no_grad():

@@ -112,6 +112,8 @@ def first_batch(est, batch: Any, n: int) -> None:
             est.notice_once("inplace", "a layer input or output is modified in place; capturing copies of it")
         if plan.expand:
             est._probe, est._probe_out = probe, out.detach()
+        # the re-run must not hold this forward's graph and captures alongside its own
+        del out, sites, cap
         est._update_through_sites(batch, n)
         return
     for s in sites:

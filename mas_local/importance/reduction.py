@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .capture import Site, replicated
 from .plan import Plan
-from .statistics import sum_dtype
+from .statistics import Statistics, sum_dtype
 
 
 def _has_delta(site: Site) -> bool:
@@ -65,7 +65,7 @@ def reduce_call(acc: Any, site: Site, plan: Plan) -> None:
             for p in params.values():
                 acc.stats.sampled.add(acc.names[id(p)])
         if _has_delta(site):
-            _add_sample_abs(acc, rule, site, params, n)
+            add_sample_abs(acc, rule, site, params, n)
 
 
 def _reduce_batch(acc: Any, sites: list[Site], plan: Plan, n: int) -> None:
@@ -82,7 +82,7 @@ def _reduce_batch(acc: Any, sites: list[Site], plan: Plan, n: int) -> None:
     acc.stats.count_all(1)
 
 
-def _add_sample_abs(acc: Any, rule: Any, site: Site, params: dict, n: int) -> None:
+def add_sample_abs(acc: Any, rule: Any, site: Site, params: dict, n: int) -> None:
     if site.batched:
         rule.add_sample_abs(acc, site, params)
         return
@@ -109,7 +109,7 @@ def _reduce_hebbian(acc: Any, sites: list[Site], plan: Plan, n: int) -> None:
         for rule, params in plan.sites[id(s.module)].groups:
             own = {k: p for k, p in params.items() if id(p) in calls and id(p) not in shared}
             if not rule.hebbian and own:
-                _add_sample_abs(acc, rule, s, own, n)
+                add_sample_abs(acc, rule, s, own, n)
     if shared:
         _shared_sample(acc, sites, plan, n, shared)
 
@@ -121,14 +121,65 @@ def _reduce_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[
         for rule, params in plan.sites[id(s.module)].groups:
             own = {k: p for k, p in params.items() if id(p) not in shared}
             if own:
-                _add_sample_abs(acc, rule, s, own, n)
+                add_sample_abs(acc, rule, s, own, n)
     if shared:
         _shared_sample(acc, sites, plan, n, shared)
     acc.stats.count_all(n)
 
 
 def _shared_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[int]) -> None:
-    """Per-sample gradients of parameters computed at several calls, summed over the calls, then |·|."""
+    """Per-sample gradients of parameters computed at several calls, summed over the calls, then |·|.
+
+    A parameter whose rules all write row blocks (``Rule.row_blocks``: Linear, Embedding; a tied embedding
+    and head) is done block of rows by block of rows, so its per-sample buffer stays within
+    ``chunk_bytes / 8`` however large the vocabulary; the others take all their rows at once.
+    """
+    calls: dict[int, list[tuple[Site, Any, str]]] = {pid: [] for pid in shared}
+    for s in sites:
+        if not _has_delta(s):
+            continue
+        for rule, params in plan.sites[id(s.module)].groups:
+            for name, p in params.items():
+                if id(p) in shared:
+                    calls[id(p)].append((s, rule, name))
+    by_rows = {
+        pid
+        for pid, where in calls.items()
+        if type(acc.stats) is Statistics  # sharded statistics keep their own buffers
+        and acc.params[acc.names[pid]].dim() >= 2
+        and all(getattr(rule, "row_blocks", False) for _, rule, _ in where)
+    }
+    for pid in by_rows:
+        _shared_rows(acc, acc.params[acc.names[pid]], calls[pid], n)
+    if shared - by_rows:
+        _shared_whole(acc, sites, plan, n, shared - by_rows)
+
+
+def _shared_rows(acc: Any, p: Tensor, calls: list[tuple[Site, Any, str]], n: int) -> None:
+    dtype = sum_dtype(p)
+    row_bytes = p[0].numel() * torch.empty((), dtype=dtype).element_size()
+    budget = max(row_bytes, acc.chunk_bytes // 8)
+    per_sample = row_bytes * p.shape[0]
+    samples = max(1, min(n, budget // per_sample))  # as many samples as fit with all rows
+    block = p.shape[0] if samples > 1 else max(1, min(p.shape[0], budget // row_bytes))
+    total_sum = acc.sum_of(p)
+    for start in range(0, n, samples):
+        rows = slice(start, min(n, start + samples))
+        for lo in range(0, p.shape[0], block):
+            blk = slice(lo, min(p.shape[0], lo + block))
+            total = torch.zeros(
+                rows.stop - rows.start, blk.stop - blk.start, *p.shape[1:], dtype=dtype, device=p.device
+            )
+            for s, rule, name in calls:
+                if s.batched:
+                    rule.add_per_sample_grads(acc, s, {name: p}, rows, {name: total}, block=blk)
+                else:  # shared by the batch: one gradient, every sample's
+                    total.add_(rule.batch_grads(acc, s, {name: p})[name][blk].unsqueeze(0))
+            for row in total.abs_():  # sample by sample: no second buffer of the block's size
+                total_sum[blk].add_(row)
+
+
+def _shared_whole(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[int]) -> None:
     numel = sum(acc.params[acc.names[pid]].numel() for pid in shared)
     for rows in acc.chunks(n, bytes_per_sample=8 * numel):
         k = rows.stop - rows.start
@@ -151,4 +202,6 @@ def _shared_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[
                     for name, g in rule.batch_grads(acc, s, mine).items():
                         into[name].add_(g.unsqueeze(0))
         for pid, g in total.items():
-            acc.add_sum(acc.params[acc.names[pid]], g.abs_().sum(0))
+            into = acc.sum_of(acc.params[acc.names[pid]])
+            for row in g.abs_():  # sample by sample: no second buffer of the parameter's size
+                into.add_(row.to(into.dtype))

@@ -47,6 +47,8 @@ class Rule:
     hebbian: bool = False
     #: whether :meth:`per_sample_grads` re-runs the module (it then needs the parameter values, see FSDP2)
     reruns_module: bool = False
+    #: add_per_sample_grads takes ``block`` (rows of a parameter's first dimension) and writes only those
+    row_blocks: bool = False
 
     def handles(self, local_name: str | None) -> bool:
         return local_name is not None and (self.param_names is None or local_name in self.param_names)
@@ -65,12 +67,21 @@ class Rule:
         raise NotImplementedError(f"{type(self).__name__} must implement per_sample_grads")
 
     def add_per_sample_grads(
-        self, acc: Any, site: Any, params: dict[str, nn.Parameter], rows: slice, into: dict[str, Tensor]
+        self,
+        acc: Any,
+        site: Any,
+        params: dict[str, nn.Parameter],
+        rows: slice,
+        into: dict[str, Tensor],
+        block: slice | None = None,
     ) -> None:
         """``into[name] += per-sample gradients`` (float32 ``[len(rows), *p.shape]``): tied parameters sum their
-        calls' per-sample gradients here before the absolute value. Rules override it to write in place."""
+        calls' per-sample gradients here before the absolute value. Rules override it to write in place.
+
+        ``block`` (only passed to rules with ``row_blocks = True``, for one parameter at a time): only the rows
+        ``block`` of the parameter's first dimension, ``into[name]`` being ``[len(rows), len(block), ...]``."""
         for name, g in self.per_sample_grads(acc, site, params, rows).items():
-            into[name].add_(g)
+            into[name].add_(g if block is None else g[:, block])
 
     def add_sample_abs(self, acc: Any, site: Any, params: dict[str, nn.Parameter]) -> None:
         """``sum_of(p) += Σ_k |g_k(p)|`` over the batch, for parameters computed at this call only."""

@@ -11,6 +11,7 @@ from .base import Rule, work_dtype
 
 class EmbeddingRule(Rule):
     param_names = ("weight",)
+    row_blocks = True
 
     @staticmethod
     def _flat(acc, site) -> tuple[Tensor, Tensor, Tensor]:
@@ -75,12 +76,17 @@ class EmbeddingRule(Rule):
         self.add_per_sample_grads(acc, site, params, rows, {"weight": g})
         return {"weight": g}
 
-    def add_per_sample_grads(self, acc, site, params, rows, into):
+    def add_per_sample_grads(self, acc, site, params, rows, into, block=None):
         if "weight" not in params:
             return
         tok, d, sample = self._flat(acc, site)
         if rows.start > 0 or rows.stop < acc.batch_samples:
             sel = (sample >= rows.start) & (sample < rows.stop)
             tok, d, sample = tok[sel], d[sel], sample[sel]
-        keys, _, seg = self._segments(site, tok, d, sample - rows.start)
+        if block is not None:  # only the tokens of the rows block
+            sel = (tok >= block.start) & (tok < block.stop)
+            tok, d, sample = tok[sel], d[sel], sample[sel]
+        keys, uniq_rows, seg = self._segments(site, tok, d, sample - rows.start)
+        if block is not None:  # keys of [len(rows), len(block)] instead of [len(rows), vocab]
+            keys = (keys // site.module.num_embeddings) * (block.stop - block.start) + (uniq_rows - block.start)
         into["weight"].view(-1, params["weight"].shape[1]).index_add_(0, keys, seg.to(into["weight"].dtype))

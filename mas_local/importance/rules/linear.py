@@ -13,6 +13,7 @@ from .base import Rule, work_dtype
 class LinearRule(Rule):
     param_names = ("weight", "bias")
     hebbian = True
+    row_blocks = True
     #: the weight is laid out [in, out] (Hugging Face's Conv1D): every product swaps its operands
     transposed = False
 
@@ -82,12 +83,14 @@ class LinearRule(Rule):
         self.add_per_sample_grads(acc, site, params, rows, out)
         return out
 
-    def add_per_sample_grads(self, acc, site, params, rows, into):
+    def add_per_sample_grads(self, acc, site, params, rows, into, block=None):
         x, d = self._rows(acc, site)
         dt = into[next(iter(into))].dtype if into else torch.float32
-        x, d = x[rows].to(dt), d[rows].to(dt)
+        x, d = x[rows], d[rows]
         if "weight" in params:
-            a, b = self._pair(d, x)
-            into["weight"].baddbmm_(a.transpose(1, 2), b)
+            a, b = self._pair(d, x)  # a: the weight's first dimension
+            if block is not None:
+                a = a[..., block]
+            into["weight"].baddbmm_(a.to(dt).transpose(1, 2), b.to(dt))
         if "bias" in params:
-            into["bias"].add_(d.sum(1))
+            into["bias"].add_((d if block is None else d[..., block]).to(dt).sum(1))
