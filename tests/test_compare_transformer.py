@@ -214,5 +214,6 @@ def test_short_transformer_run_finishes_in_range(tmp_path, capsys):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert (out / "agreement_by_layer_type.png").stat().st_size > 5000
     text = capsys.readouterr().out
-    assert "per layer type: embeddings/positions" in text and "attention q/k/v" in text
+    assert "per layer type (pooled): embeddings/positions" in text and "attention q/k/v" in text
+    assert "per layer type (mean within tensors): embeddings/positions" in text
     assert "Ω peak MiB" in text and "Ω s/task" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -44,7 +46,14 @@ def _results(model, curve: float, chance: float, rho: float = 1.0) -> tuple[dict
         "tasks": [f"task {i}" for i in range(t)],
         "chance_accuracy": chance,
         "methods": methods,
-        "importance_comparison": {"spearman": spearman, "spearman_by_type": by_type, "labels": labels},
+        "importance_comparison": {
+            "spearman": spearman,
+            "spearman_by_type": by_type,
+            "spearman_by_type_within": {
+                pair: {k: {"mean": 0.6, "std": 0.0} for k in kinds if k != "whole model"} for pair in by_type
+            },
+            "labels": labels,
+        },
     }
     return results, [{"params": params, "omegas": omegas}]
 
@@ -130,7 +139,8 @@ def test_table_uses_layer_names():
     results, _ = _results(build_model("mlp", None, 10), curve=0.9, chance=0.1, rho=0.5)
     text = table(results)
     assert "after task 1, per tensor: layer 1 weight 0.50, layer 1 bias 0.50" in text
-    assert "per layer type: head 0.50 ± 0.05, hidden Linear 0.50 ± 0.05, whole model 0.50 ± 0.05" in text
+    assert "per layer type (pooled): head 0.50 ± 0.05, hidden Linear 0.50 ± 0.05, whole model 0.50 ± 0.05" in text
+    assert "per layer type (mean within tensors): head 0.60 ± 0.00, hidden Linear 0.60 ± 0.00" in text
     assert "body.0" not in text
 
 
@@ -145,7 +155,25 @@ def test_agreement_figure_one_group_per_layer_type_and_the_main_pair_first():
     assert len(bars) == len(kinds) * len(ESTIMATOR_PAIRS)
     assert all(abs(b.get_height() + 0.2) < 1e-9 for b in bars)
     assert ax.get_ylim()[0] < -0.25  # the negative bars and their error bars are in view
+    within = fig.axes[1]  # the second panel: the mean of the per-tensor ρ; "whole model" has none
+    heights = [b.get_height() for b in within.patches]
+    assert len(heights) == len(bars)
+    assert sum(abs(h - 0.6) < 1e-9 for h in heights) == (len(kinds) - 1) * len(ESTIMATOR_PAIRS)
     _close(fig)
+
+
+def test_within_types_averages_the_per_tensor_rho_of_each_type_then_the_seeds():
+    from mas_local.experiments.report import within_types
+
+    labels = {n: {"type": t} for n, t in (("a.weight", "A"), ("a.bias", "A"), ("b.weight", "B"))}
+    pair = "x vs y"
+    seeds = [
+        {"labels": labels, "spearman": {pair: {"a.weight": 0.2, "a.bias": 0.6, "b.weight": float("nan")}}},
+        {"labels": labels, "spearman": {pair: {"a.weight": 0.4, "a.bias": 0.8, "b.weight": -0.5}}},
+    ]
+    out = within_types(seeds)[pair]
+    assert out["A"]["mean"] == pytest.approx(0.5) and out["A"]["std"] == pytest.approx(0.1)
+    assert math.isnan(out["B"]["mean"])  # seed 0 has no finite ρ for type B: the mean over seeds is NaN
 
 
 def test_importance_figure_stays_readable_on_the_transformer():

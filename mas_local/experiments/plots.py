@@ -200,51 +200,62 @@ def _wrap(label: str, width: int = 12) -> str:
 
 
 def agreement_figure(results: dict):
-    """Spearman ρ of Ω per layer type (pooled over the type's parameters) for each estimator pair, mean ± std."""
+    """Spearman ρ of Ω per layer type for each estimator pair, mean ± std over seeds: top, every parameter of
+    the type pooled (the tensors' scales count); bottom, the mean of the per-tensor ρ (the ranking within
+    each tensor)."""
     plt = _plt()
-    imp = results.get("importance_comparison")
-    by_type = (imp or {}).get("spearman_by_type") or {}
+    imp = results.get("importance_comparison") or {}
+    by_type = imp.get("spearman_by_type") or {}
     if not by_type:
         fig, ax = plt.subplots(figsize=(5, 2))
         ax.axis("off")
         ax.text(0.5, 0.5, "no MAS method was run: no importance to compare", ha="center", va="center")
         return fig
+    panels = [("spearman_by_type", "pooled per type")]
+    if imp.get("spearman_by_type_within"):
+        panels.append(("spearman_by_type_within", "mean within tensors"))
     pairs = list(by_type)
     kinds = list(by_type[pairs[0]])
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * len(kinds) + 2.5), 3.8), layout="constrained")
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(6.0, 1.25 * len(kinds) + 2.5), 3.4 * len(panels)), layout="constrained"
+    )
+    axes = np.atleast_1d(axes)
     width = 0.8 / len(pairs)
     x = np.arange(len(kinds))
-    lows = [0.0]
-    for k, pair in enumerate(pairs):
-        vals = [by_type[pair].get(kind, {"mean": None, "std": None}) for kind in kinds]
-        mean = np.array([v["mean"] if v["mean"] is not None else np.nan for v in vals], dtype=float)
-        std = np.array([v["std"] if v["std"] is not None else 0.0 for v in vals], dtype=float)
-        # the paper's question (global vs Hebbian) stands out; the other pairs are context
-        main = pair == "global-sample vs local-hebbian"
-        ax.bar(
-            x + (k - (len(pairs) - 1) / 2) * width,
-            mean,
-            width,
-            yerr=std,
-            capsize=2,
-            label=pair,
-            alpha=1.0 if main else 0.55,
-            edgecolor="black" if main else None,
-            lw=0.6,
-        )
-        lows.extend((mean - std)[~np.isnan(mean)])
-    ax.axhline(0, color="black", lw=0.5)
-    ax.set_xticks(x, [_wrap(kind) for kind in kinds], fontsize=8)
-    ax.set_ylim(min(lows) - 0.05, 1.05)
-    ax.set_ylabel("Spearman ρ of Ω (pooled per type)")
+    for ax, (key, what) in zip(axes, panels):
+        lows = [0.0]
+        for k, pair in enumerate(pairs):
+            vals = [imp[key].get(pair, {}).get(kind) or {"mean": None, "std": None} for kind in kinds]
+            mean = np.array([v["mean"] if v["mean"] is not None else np.nan for v in vals], dtype=float)
+            std = np.array([v["std"] if v["std"] is not None else 0.0 for v in vals], dtype=float)
+            # the paper's question (global vs Hebbian) stands out; the other pairs are context
+            main = pair == "global-sample vs local-hebbian"
+            ax.bar(
+                x + (k - (len(pairs) - 1) / 2) * width,
+                mean,
+                width,
+                yerr=std,
+                capsize=2,
+                label=pair,
+                alpha=1.0 if main else 0.55,
+                edgecolor="black" if main else None,
+                lw=0.6,
+            )
+            lows.extend((mean - std)[~np.isnan(mean)])
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xticks(x, [_wrap(kind) for kind in kinds], fontsize=8)
+        ax.set_ylim(min(lows) - 0.05, 1.05)
+        ax.set_ylabel(f"Spearman ρ of Ω\n({what})", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
     cfg = results.get("config", {})
-    ax.set_title(
+    axes[0].set_title(
         f"Where local importance tracks global importance: {cfg.get('model', '')} after task 1, "
         f"mean ± std over {cfg.get('seeds', '?')} seed(s)",
         fontsize=9,
     )
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, title="pair", title_fontsize=7)
+    axes[0].legend(
+        fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, title="pair", title_fontsize=7
+    )
     return fig
 
 

@@ -32,6 +32,7 @@ METRIC_DEFINITIONS = {
     "importance_peak_mib": "peak extra memory (MiB) of the method's estimator on the task-1 model and images "
     "(torch's allocator: CUDA peak counter, or the CPU allocator's events under torch.profiler)",
     "spearman_by_type": "Spearman rho of two estimators' Omega over all parameters of one layer type pooled",
+    "spearman_by_type_within": "mean over one layer type's tensors of the per-tensor Spearman rho",
     "penalty_overhead": "fastest step seconds with loss + mas.penalty() / without - 1 (interleaved, one batch)",
     "penalty_overhead_fused": "same with mas.add_penalty_grad_() after backward instead of penalty()",
     "train_seconds_per_step": "training seconds / optimizer steps on tasks >= 2 (all lambda candidates)",
@@ -79,6 +80,7 @@ def aggregate(cfg: Config, records: dict[str, list[dict]], importance: list[dict
         for key in ("spearman", "spearman_by_type"):
             for pair, per_group in importance[0][key].items():
                 imp_summary[key][pair] = {g: metrics.mean_std([i[key][pair][g] for i in importance]) for g in per_group}
+        imp_summary["spearman_by_type_within"] = within_types(importance)
         imp_summary["labels"] = importance[0]["labels"]
         imp_summary["per_seed"] = [
             {k: i[k] for k in ("seconds", "peak_bytes", "spearman", "spearman_by_type")} for i in importance
@@ -92,6 +94,29 @@ def aggregate(cfg: Config, records: dict[str, list[dict]], importance: list[dict
         "importance_comparison": imp_summary,
         "metric_definitions": METRIC_DEFINITIONS,
     }
+
+
+def within_types(importance: list[dict]) -> dict:
+    """Per pair and layer type: the mean over the type's tensors of the per-tensor ρ, mean ± std over seeds.
+
+    Beside the pooled ρ (``spearman_by_type``), which also compares the tensors' scales with each other, this
+    says whether the estimators rank the entries *within* each tensor alike.
+    """
+    labels = importance[0]["labels"]
+    out: dict[str, dict] = {}
+    for pair in importance[0]["spearman"]:
+        kinds: dict[str, list[str]] = {}
+        for param in importance[0]["spearman"][pair]:
+            kinds.setdefault(labels[param]["type"], []).append(param)
+        per_kind = {}
+        for kind, params in kinds.items():
+            seeds = []
+            for seed in importance:
+                vals = [seed["spearman"][pair][q] for q in params if not math.isnan(seed["spearman"][pair][q])]
+                seeds.append(float(np.mean(vals)) if vals else math.nan)
+            per_kind[kind] = metrics.mean_std(seeds)
+        out[pair] = per_kind
+    return out
 
 
 def environment(cfg: Config) -> dict:
@@ -220,5 +245,9 @@ def table(results: dict) -> str:
         by_type = imp.get("spearman_by_type", {}).get(pair, {})
         if by_type:
             cells = ", ".join(f"{kind} {_fmt_pm(v, 1.0, 2)}" for kind, v in by_type.items())
-            out.append(f"Spearman ρ(Ω) {pair} after task 1, per layer type: {cells}")
+            out.append(f"Spearman ρ(Ω) {pair} after task 1, per layer type (pooled): {cells}")
+        within = imp.get("spearman_by_type_within", {}).get(pair, {})
+        if within:
+            cells = ", ".join(f"{kind} {_fmt_pm(v, 1.0, 2)}" for kind, v in within.items())
+            out.append(f"Spearman ρ(Ω) {pair} after task 1, per layer type (mean within tensors): {cells}")
     return "\n".join(out)
