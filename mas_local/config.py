@@ -49,8 +49,9 @@ class ImportanceConfig:
     verify: the self-check (``docs/math.md``): ``"first"`` (default) on the first batch of each batch
         signature, ``"every"`` batch, or ``"off"`` (``True``/``False`` mean ``"first"``/``"off"``).
     stream: local mode: reduce each module call as soon as it returns and drop what was captured for it, so
-        that the pass needs about inference memory whatever the depth (``docs/performance.md``); ``False``
-        keeps every call of a batch until its forward ends. Ω is the same either way.
+        that the pass needs about inference memory whatever the depth; global ``sample``: reduce each call
+        during the backward as soon as its Δ is complete (``docs/performance.md``). ``False`` keeps every
+        call of a batch until its forward (local) or backward (global) ends. Ω is the same either way.
     sync / process_group: data-parallel passes (see ``docs/distributed.md``).
     """
 

@@ -145,8 +145,9 @@ def compute_importance(
             (default): on the first batch of each batch signature; ``"every"``: every batch; ``"off"``.
             A batch that fails is computed one sample at a time; if that fails too, the pass raises.
         stream: local mode: reduce each module call as soon as it returns and drop what was captured for
-            it, so that memory does not grow with depth (``docs/performance.md``); Ω is the same with
-            ``False``, which keeps every call of a batch until its forward ends.
+            it, so that memory does not grow with depth; global ``sample``: reduce each call during the
+            backward as soon as its Δ is complete (``docs/performance.md``). Ω is the same with ``False``,
+            which keeps every call of a batch until its forward (local) or backward (global) ends.
 
     Returns:
         ``{parameter name: Ω}``, float32 (float64 for a float64 parameter), detached, on each parameter's
