@@ -121,10 +121,15 @@ def stream_global(est: Any, out: Tensor, sites: list[Site]) -> list[Site] | None
             handles.append(s.targets[i].register_hook(on_delta(s, i)))
         if not streams(s):
             kept.append(s)
+    drivers = _drivers(sites)
+    if not drivers:  # no captured output carries a gradient: the unstreamed path says what is wrong
+        for h in handles:
+            h.remove()
+        return None
     try:
         # asked for the gradients of a few captured outputs only (_drivers), the backward still passes
         # through every other one, whose hooks then fire; no parameter gradient is computed
-        torch.autograd.grad(loss, _drivers(sites), allow_unused=True)
+        torch.autograd.grad(loss, drivers, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
