@@ -4,8 +4,7 @@ no Avalanche, and asking for the plugin without it names the extra to install.""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from tests.fresh_python import run_python
 
 
 def test_import_mas_local_loads_no_avalanche_and_a_missing_one_names_the_extra():
@@ -20,6 +19,5 @@ def test_import_mas_local_loads_no_avalanche_and_a_missing_one_names_the_extra()
         "except ImportError as e:\n"
         "    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "pip install 'mas-local[avalanche]'" in out.stdout and "avalanche-lib" in out.stdout
+    printed = run_python(code)
+    assert "pip install 'mas-local[avalanche]'" in printed and "avalanche-lib" in printed

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import subprocess
-import sys
 import types
 import warnings
 
@@ -17,6 +15,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 import mas_local as ml  # noqa: E402
 from mas_local.integrations import MASLightningCallback  # noqa: E402
+from tests.fresh_python import run_python  # noqa: E402
 
 LAM = 1.0
 pytestmark = [  # Lightning's own notices about this tiny set-up (deprecations inside it, a non-resumable loader)
@@ -241,9 +240,8 @@ def test_a_missing_lightning_names_the_extra():
         "except ImportError as e:\n"
         "    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "pip install 'mas-local[lightning]'" in out.stdout
+    printed = run_python(code)
+    assert "pip install 'mas-local[lightning]'" in printed
 
 
 def test_a_checkpoint_written_before_consolidation_resumes_into_the_consolidation(tmp_path):

@@ -208,9 +208,9 @@ def two_experience_benchmark(kind: str = "mlp", n: int = 11):
     return benchmark_from_datasets(train=train, test=train)
 
 
-def train(model: nn.Module, plugins: list, kind: str = "mlp", epochs: int = 2, bm=None) -> Naive:
-    bm = bm or two_experience_benchmark(kind)
-    strategy = Naive(
+def naive(model: nn.Module, plugins: list, epochs: int = 2) -> Naive:
+    """The strategy every test trains with: SGD lr 0.05, mini-batches of 4, no evaluator."""
+    return Naive(
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
         train_mb_size=4,
@@ -219,6 +219,11 @@ def train(model: nn.Module, plugins: list, kind: str = "mlp", epochs: int = 2, b
         evaluator=None,
         plugins=plugins,
     )
+
+
+def train(model: nn.Module, plugins: list, kind: str = "mlp", epochs: int = 2, bm=None) -> Naive:
+    bm = bm or two_experience_benchmark(kind)
+    strategy = naive(model, plugins, epochs)
     for experience in bm.train_stream:
         strategy.train(experience, shuffle=False, eval_streams=[])
     return strategy
@@ -289,15 +294,7 @@ def test_avalanche_checkpoint_resumes_with_the_mas_state(tmp_path):
 
     first = copy.deepcopy(model)
     plugin = MASAvalanchePlugin(lam=20.0, progress=False)
-    strategy = Naive(
-        model=first,
-        optimizer=torch.optim.SGD(first.parameters(), lr=0.05),
-        train_mb_size=4,
-        train_epochs=2,
-        device=CPU,
-        evaluator=None,
-        plugins=[plugin],
-    )
+    strategy = naive(first, [plugin])
     strategy.train(bm.train_stream[0], shuffle=False, eval_streams=[])
     path = tmp_path / "strategy.pkl"
     # exclude: dill 0.4.1 cannot pickle torch 2.14's optimizers (a typing_extensions sentinel in them), with or
@@ -306,15 +303,7 @@ def test_avalanche_checkpoint_resumes_with_the_mas_state(tmp_path):
 
     fresh = MLP()  # other weights: everything must come from the checkpoint
     fresh_plugin = MASAvalanchePlugin(lam=20.0, progress=False)
-    restarted = Naive(
-        model=fresh,
-        optimizer=torch.optim.SGD(fresh.parameters(), lr=0.05),
-        train_mb_size=4,
-        train_epochs=2,
-        device=CPU,
-        evaluator=None,
-        plugins=[fresh_plugin],
-    )
+    restarted = naive(fresh, [fresh_plugin])
     restarted, start = maybe_load_checkpoint(restarted, str(path))
     assert start == 1
     restored = next(p for p in restarted.plugins if isinstance(p, MASAvalanchePlugin))
