@@ -24,7 +24,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 import mas_local as ml  # noqa: E402
 from mas_local.integrations import MASTrainerCallback  # noqa: E402
 from mas_local.integrations.hf_trainer import unscale_pending  # noqa: E402
-from tests.fresh_python import run_python  # noqa: E402
 
 LAM = 100.0
 
@@ -323,8 +322,9 @@ def test_import_mas_local_imports_no_framework_and_a_missing_one_names_the_extra
         "except ImportError as e:\n"
         "    print(e)\n"
     )
-    printed = run_python(code)
-    assert "pip install 'mas-local[hf]'" in printed and "transformers" in printed
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'mas-local[hf]'" in out.stdout and "transformers" in out.stdout
 
 
 def _ddp_worker(out: str) -> None:
