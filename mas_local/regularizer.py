@@ -272,7 +272,7 @@ class MAS:
         )
         if group is not None:
             groups.sync_statistics(est.stats, group)
-        task_omega = est.result()
+        task_omega = est.result(release=True)  # the estimator ends here: Ω is made in its accumulators
         saved = (self.params, self.importance, self.anchors, self.skipped)
         if changed:
             self.params, self.importance, self.anchors, self.skipped = self._refreshed(changes)

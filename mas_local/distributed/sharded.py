@@ -68,8 +68,8 @@ class ShardedStatistics(Statistics):
             else:
                 self.sums[name] = shard.clone()
 
-    def result(self, covers_all: bool = False):
-        out = super().result(covers_all)
+    def result(self, covers_all: bool = False, release: bool = False):
+        out = super().result(covers_all, release)
         for name in self.presynced:
             p = self.params[name]
             omega = (

@@ -49,7 +49,7 @@ from .guards import (
     without_kv_cache,
 )
 from .layouts import is_sequence_first
-from .pipeline import Replan, forward, needs_samples, reduce_captured, run_through_sites
+from .pipeline import Replan, check_ahead, forward, needs_samples, reduce_captured, run_through_sites
 from .plan import Plan
 from .planning import first_batch, make_plan
 from .signature import PlanBook, ReadCounter, batch_signature
@@ -129,6 +129,7 @@ class Estimator:
         # (id(module), "inputs" | "outputs"): captured tensors the model modifies in place, captured as copies
         self._clone_modules: set[tuple[int, str]] = set()
         self._probe = self._probe_out = None  # the first batch's probe and output, until expansion is verified
+        self._check_ahead: Any = None  # global: a self-check whose oracle ran before the batch (pipeline.check_ahead)
         self._any_training: bool | None = None
         every = list(model.parameters())
         self._param_devices = {p.device for p in every}
@@ -175,9 +176,10 @@ class Estimator:
     def load_state_dict(self, state) -> None:
         self.stats.load_state_dict(state)
 
-    def result(self) -> dict[str, Tensor]:
-        """Ω per parameter name (float32, or float64 for float64 parameters; detached)."""
-        return self.stats.result(covers_all=self.mode == "global" and self.estimator == "batch")
+    def result(self, release: bool = False) -> dict[str, Tensor]:
+        """Ω per parameter name (float32, or float64 for float64 parameters; detached). ``release``: the pass
+        is over; Ω is made in the accumulators themselves (see :meth:`Statistics.result`)."""
+        return self.stats.result(covers_all=self.mode == "global" and self.estimator == "batch", release=release)
 
     # -- one batch ----------------------------------------------------------------------
     def update(self, batch: Any) -> None:
@@ -237,15 +239,19 @@ class Estimator:
     def _update_planned(self, batch: Any, n: int, key: tuple, replanned: bool = False) -> None:
         self._replanned = replanned
         self.plan = self.book.plan(key)
-        if self.plan is None and streams_first_batch(self):
-            self.plan = make_plan(self, batch, n)  # a forward of its own; the batch then streams
-            self._update_through_sites(batch, n)
-        elif self.plan is None and not self.sharded and not self._any_training:
-            first_batch(self, batch, n)
-        else:
-            if self.plan is None:
-                self.plan = make_plan(self, batch, n)
-            self._update_through_sites(batch, n)
+        self._check_ahead = check_ahead(self, batch, n)
+        try:
+            if self.plan is None and streams_first_batch(self):
+                self.plan = make_plan(self, batch, n)  # a forward of its own; the batch then streams
+                self._update_through_sites(batch, n)
+            elif self.plan is None and not self.sharded and not self._any_training:
+                first_batch(self, batch, n)
+            else:
+                if self.plan is None:
+                    self.plan = make_plan(self, batch, n)
+                self._update_through_sites(batch, n)
+        finally:
+            self._check_ahead = None
         self.book.keep(key, self.plan)
 
     def site_path_of(self, pid: int) -> str:

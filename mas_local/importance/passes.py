@@ -177,4 +177,4 @@ def compute_importance(
     run_pass(est, data, max_batches=max_batches, allow_empty=group is not None)
     if group is not None:
         sync_statistics(est.stats, group)
-    return est.result()
+    return est.result(release=True)  # the estimator ends here: Ω is made in its accumulators

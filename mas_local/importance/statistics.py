@@ -151,11 +151,12 @@ class Statistics:
         self.batches = int(state["batches"])
 
     # -- result -------------------------------------------------------------------
-    def result(self, covers_all: bool = False) -> dict[str, Tensor]:
+    def result(self, covers_all: bool = False, release: bool = False) -> dict[str, Tensor]:
         """Ω per parameter name (:func:`sum_dtype`, detached). Raises if any value is not finite.
 
         ``covers_all``: every parameter was computed (global batch through autograd), so none
-        is reported as never run.
+        is reported as never run. ``release``: the pass is over, so Ω is divided in place in the
+        accumulators and they are handed over (no second copy of Ω's size); the statistics are empty after.
         """
         self.flush()
         if self.batches == 0:
@@ -166,11 +167,16 @@ class Statistics:
             if s is None:
                 s = torch.zeros(self.sum_shape(p), dtype=sum_dtype(p), device=p.device)
             c = self.samples if name in self.sampled else self.counts[name]
-            omega = (s / c if c > 0 else s.clone()).detach()
+            if release:
+                omega = (s.div_(c) if c > 0 else s).detach()
+            else:
+                omega = (s / c if c > 0 else s.clone()).detach()
             if not all_finite(omega):
                 raise ImportanceError(f"importance of parameter {name!r} has NaN or Inf values")
             out[name] = omega
         missing = [] if covers_all else [name for name in self.params if name not in self.seen]
         if missing:
             log.warning("mas_local: these parameters' modules never ran, their importance is 0: %s", missing)
+        if release:
+            self.sums = {}
         return out
