@@ -75,8 +75,8 @@ def _spy(monkeypatch) -> list[tuple[int, int | None]]:
     seen: list[tuple[int, int | None]] = []
     real = backward_stream.stream_global
 
-    def spy(est, out, sites):
-        kept = real(est, out, sites)
+    def spy(est, out, sites, check=None):
+        kept = real(est, out, sites, check)
         seen.append((len(sites), None if kept is None else len(kept)))
         return kept
 
@@ -95,8 +95,8 @@ def test_tied_lm_streamed_equals_unstreamed_and_the_loop(monkeypatch, chunk_byte
         model.emb.weight[1].normal_()
     seen = _spy(monkeypatch)
     streamed = ml.compute_importance(model, data, "global", "sample", progress=False, chunk_bytes=chunk_bytes)
-    # batch 1 is self-checked (unstreamed); batches 2 and 3 stream, keeping the tied calls and the generic one
-    assert [k for _, k in seen] == [3, 3]
+    # every batch streams (the first checked as it streams), keeping the tied calls and the generic one
+    assert [k for _, k in seen] == [3, 3, 3]
     assert all(n == 6 for n, _ in seen)
     plain = ml.compute_importance(
         model, data, "global", "sample", progress=False, chunk_bytes=chunk_bytes, stream=False

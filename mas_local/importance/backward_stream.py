@@ -11,9 +11,12 @@ is reduced inside that hook, once all its outputs' Δ arrived, when
 - its rule does not re-run the module (``Rule.reruns_module``: the generic rule's ``vmap`` would start an
   autograd pass inside the backward).
 
-The other calls keep their Δ and are reduced with the batch, as without streaming. A batch whose self-check
-is due, a sharded model, and a batch where some parameter is read outside the captured
-calls (refused after the backward) take the unstreamed path, so an error never follows a partial reduction.
+The other calls keep their Δ and are reduced with the batch, as without streaming. A sharded model and a batch
+where some parameter is read outside the captured calls (refused after the backward) take the unstreamed path,
+so an error never follows a partial reduction. A batch whose self-check is due streams only when its independent
+sums were computed before its forward and nothing was accumulated yet (the first batch of a pass,
+``pipeline.check_ahead``): each call's share of the engine's sums is added before its Δ is dropped, and a failed
+check empties the statistics again.
 """
 
 from __future__ import annotations
@@ -71,9 +74,10 @@ def _covered(est: Any, sites: list[Site]) -> set[int]:
     return {id(p) for s in sites for _, params in est.plan.sites[id(s.module)].groups for p in params.values()}
 
 
-def stream_global(est: Any, out: Tensor, sites: list[Site]) -> list[Site] | None:
-    """Δ by one backward, reducing the calls that stream as their Δ arrives; returns the calls kept (with their
-    Δ) for the batch reduction, or ``None`` when this batch does not stream (then nothing was done)."""
+def stream_global(est: Any, out: Tensor, sites: list[Site], check: Any = None) -> list[Site] | None:
+    """Δ by one backward, reducing the calls that stream as their Δ arrives (each added to ``check``, a
+    ``verify.StreamCheck``, first); returns the calls kept (with their Δ) for the batch reduction, or ``None``
+    when this batch does not stream (then nothing was done)."""
     covered = _covered(est, sites)
     if any(id(p) not in covered for p in est.params.values()):
         return None  # global_deltas checks where those parameters are read, and refuses before any reduction
@@ -94,6 +98,8 @@ def stream_global(est: Any, out: Tensor, sites: list[Site]) -> list[Site] | None
     handles = []
 
     def reduce_now(s: Site) -> None:
+        if check is not None:
+            check.add([s])
         if any(d is not None for d in s.deltas):
             # the statistics in fp32 and without autograd history, as in the batch reduction
             with torch.autocast(est._device_type, enabled=False), torch.no_grad():

@@ -23,7 +23,7 @@ from .guards import check_output
 from .reduction import reduce_sites
 from .signature import ReadCounter, read_counts
 from .streaming import Streamer, can_stream, undo
-from .verify import StreamCheck, verify_batch
+from .verify import StreamCheck, VerificationFailed, verify_batch
 
 
 class Replan(Exception):
@@ -72,6 +72,21 @@ def needs_samples(est, rule, site: Site) -> bool:
     if est.mode == "local" and not site.batched:  # a call shared by the batch: one event for every sample
         return False
     return est.estimator == "sample" or (est.estimator == "hebbian" and not rule.hebbian)
+
+
+def check_ahead(est, batch: Any, n: int) -> StreamCheck | None:
+    """Global ``sample``: the self-check's independent sums, computed before the batch's forward when the check
+    will be due and the batch can stream through the backward (``backward_stream``), so that the oracle's
+    autograd pass never overlaps the batch's graph. Only while nothing is accumulated: a failed check then
+    undoes the batch by emptying the statistics."""
+    if est.mode != "global" or not can_stream_backward(est) or est.config.verify == "off" or est.stats.sums:
+        return None
+    if est.config.verify == "first" and est.book.checked_any(est._signature):
+        return None
+    try:
+        return StreamCheck(est, batch, n, est._mask)
+    except Exception:  # a batch the model cannot run: the batch's own forward says so, with the pass's errors
+        return None
 
 
 def run_through_sites(est, batch: Any, n: int) -> None:
@@ -161,6 +176,8 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
         and not est.sharded
         and (est.config.verify == "every" or est.book.needs_check(layouts))
     )
+    check = est._check_ahead if verify_due else None  # its independent sums were computed before the forward
+    est._check_ahead = None
     with grad_ctx:
         if est.mode == "local":
             est._local_deltas(sites)
@@ -168,7 +185,8 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
             for rule, _ in est.plan.sites[id(s.module)].groups:
                 rule.check(est.acc, s, est._needs_samples(rule, s))
         if est.mode == "global":
-            kept = None if verify_due or not can_stream_backward(est) else stream_global(est, out, sites)
+            streams = can_stream_backward(est) and (not verify_due or check is not None)
+            kept = stream_global(est, out, sites, check) if streams else None
             if kept is None:
                 est._global_deltas(out, sites)
             else:  # the other calls were reduced during the backward (mas_local.importance.backward_stream)
@@ -179,7 +197,15 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
         streamer.check.add(sites)
         streamer.check.finish()
         est.book.checked((key, tuple(streamer.layouts)))
-    if verify_due:
+    if check is not None:  # the calls reduced during the backward were added there
+        check.add(sites)
+        try:
+            check.finish()
+        except VerificationFailed:
+            est.stats.sums.clear()  # empty before this batch (check_ahead): undoes what the backward reduced
+            raise
+        est.book.checked(layouts)
+    elif verify_due:
         verify_batch(est, batch, sites, est.batch_samples, est._mask)
         est.book.checked(layouts)
     # The forward may run under autocast (bf16 activations); the statistics are computed in fp32.

@@ -26,9 +26,11 @@ from torch import Tensor
 from ..distributed.fsdp import without_fsdp_hooks
 from .batches import call_model, position_mask, select_samples, slice_batch, unpadded
 from .capture import Capture
+from .check_sums import CheckSums, Sketcher
 from .guards import preserved_state
 from .leaves import tensor_leaves
 from .masks import aligned_mask, masked_squared_norm
+from .statistics import sum_dtype
 from .statistics import widened as _wide
 
 VERIFY_CHOICES = ("first", "every", "off")
@@ -95,15 +97,10 @@ def _checked(est: Any, rule: Any) -> bool:
     return not (est.estimator == "hebbian" and rule.hebbian)
 
 
-def engine_subset_sums(est: Any, sites: list, members: Tensor) -> dict[int, Tensor]:
-    """Σ_{k∈S} g_k per parameter (by id), signed, from the rules' per-sample gradients summed over calls."""
+def engine_subset_sums(est: Any, sites: list, members: Tensor, into: CheckSums) -> None:
+    """Add Σ_{k∈S} g_k per parameter, signed, from the rules' per-sample gradients of these calls, to ``into``."""
     size = float(members.numel())
     runs = _runs(members.tolist())
-    totals: dict[int, Tensor] = {}
-
-    def add(p: Tensor, g: Tensor) -> None:
-        totals[id(p)] = g if id(p) not in totals else totals[id(p)] + g
-
     for s in sites:
         if not any(d is not None for d in s.deltas):
             continue
@@ -112,15 +109,42 @@ def engine_subset_sums(est: Any, sites: list, members: Tensor) -> dict[int, Tens
                 continue
             if est.mode == "local" and not s.batched:  # shared by the batch: every sample's gradient
                 for name, g in rule.batch_grads(est.acc, s, params).items():
-                    add(params[name], _wide(g) * size)
+                    into.add(params[name], _wide(g) * size)
                 continue
-            numel = sum(p.numel() for p in params.values())
+            blocked = {n: p for n, p in params.items() if _by_rows(est, rule, p, members)}
+            rest = {n: p for n, p in params.items() if n not in blocked}
+            for name, p in blocked.items():
+                _add_row_blocks(est, s, rule, name, p, runs, into)
+            if not rest:
+                continue
+            numel = sum(p.numel() for p in rest.values())
             for run in runs:  # only the samples of S: runs of consecutive indices, in chunks
                 for part in est.acc.chunks(run.stop - run.start, bytes_per_sample=8 * max(1, numel)):
                     rows = slice(run.start + part.start, run.start + part.stop)
-                    for name, g in rule.per_sample_grads(est.acc, s, params, rows).items():
-                        add(params[name], _wide(g).sum(0))
-    return totals
+                    for name, g in rule.per_sample_grads(est.acc, s, rest, rows).items():
+                        into.add(rest[name], _wide(g).sum(0))
+
+
+def _by_rows(est: Any, rule: Any, p: Tensor, members: Tensor) -> bool:
+    """Whether S's per-sample gradients of ``p`` exceed the scratch budget and the rule can write row blocks."""
+    big = p.numel() * 8 * members.numel() > est.acc.chunk_bytes // 8
+    return bool(getattr(rule, "row_blocks", False)) and p.dim() > 0 and big
+
+
+def _add_row_blocks(est: Any, s: Any, rule: Any, name: str, p: Tensor, runs: list[slice], into: CheckSums) -> None:
+    """Σ over S of ``p``'s per-sample gradients block of rows by block (``Rule.row_blocks``), each block's scratch
+    within ``chunk_bytes / 8`` (a tied 50257 × 768 embedding: never a whole per-sample gradient)."""
+    dtype = sum_dtype(p)
+    row_bytes = max(1, p[0].numel()) * torch.empty((), dtype=dtype).element_size()
+    budget = max(row_bytes, est.acc.chunk_bytes // 8)
+    for run in runs:
+        k = run.stop - run.start
+        block = max(1, min(p.shape[0], budget // (row_bytes * k)))
+        for lo in range(0, p.shape[0], block):
+            blk = slice(lo, min(p.shape[0], lo + block))
+            buf = torch.zeros(k, blk.stop - blk.start, *p.shape[1:], dtype=dtype, device=p.device)
+            rule.add_per_sample_grads(est.acc, s, {name: p}, run, {name: buf}, block=blk)
+            into.add(p, buf.sum(0), rows=blk)
 
 
 def _pieces(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | None, alone: bool) -> list[tuple[Any, int]]:
@@ -136,11 +160,10 @@ def _pieces(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | None, 
     return pieces
 
 
-def oracle_global(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | None) -> dict[int, Tensor]:
-    """``autograd.grad`` of Σ_{k∈S}‖f(x_k)‖² over real positions, the model run on S's samples only."""
+def oracle_global(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | None, totals: CheckSums) -> None:
+    """Add ``autograd.grad`` of Σ_{k∈S}‖f(x_k)‖² over real positions, the model run on S's samples only."""
     padded = mask is not None and not bool(mask.all())
     params = list(est.params.values())
-    totals: dict[int, Tensor] = {}
     with preserved_state(est.model), torch.enable_grad():
         for piece, k in _pieces(est, batch, members, n, mask, alone=padded):
             out = est.output_fn(call_model(est.model, piece, est.config.forward_fn))
@@ -148,19 +171,18 @@ def oracle_global(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | 
             loss = masked_squared_norm(out, piece_mask)
             if not loss.requires_grad:
                 continue
-            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+            grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+            for i, p in enumerate(params):  # each gradient dropped once added: one copy of Ω's size at most
+                g, grads[i] = grads[i], None
                 if g is not None:
-                    totals[id(p)] = _wide(g) if id(p) not in totals else totals[id(p)] + _wide(g)
-    return totals
+                    totals.add(p, _wide(g))
 
 
-def oracle_local(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | None) -> dict[int, Tensor]:
-    """For each sample of S alone: the module-local gradient of ½‖y‖² at every call where a parameter is
+def oracle_local(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | None, totals: CheckSums) -> None:
+    """Add, for each sample of S alone, the module-local gradient of ½‖y‖² at every call where a parameter is
     computed (``act(y)`` for layers judged through an activation)."""
-    totals: dict[int, Tensor] = {}
     for piece, k in _pieces(est, batch, members, n, mask, alone=True):
         _run_consuming(est, piece, k, lambda s: _local_grads(est, s, totals))
-    return totals
 
 
 def _run_consuming(est: Any, piece: Any, k: int, take) -> None:
@@ -179,7 +201,7 @@ def _run_consuming(est: Any, piece: Any, k: int, take) -> None:
         call_model(est.model, piece, est.config.forward_fn)
 
 
-def _local_grads(est: Any, s: Any, totals: dict[int, Tensor]) -> None:
+def _local_grads(est: Any, s: Any, totals: CheckSums) -> None:
     """Add the module-local gradient of ½‖y‖² of call ``s`` (a sample alone) for each checked parameter."""
     plan = est.plan
     for rule, params in plan.sites[id(s.module)].groups:
@@ -202,14 +224,13 @@ def _local_grads(est: Any, s: Any, totals: dict[int, Tensor]) -> None:
             grads = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
         for p, g in zip(params.values(), grads):
             if g is not None:
-                totals[id(p)] = _wide(g) if id(p) not in totals else totals[id(p)] + _wide(g)
+                totals.add(p, _wide(g))
 
 
-def compare(
-    est: Any, engine: dict[int, Tensor], oracle: dict[int, Tensor], checked: set[int], low: bool = False
-) -> None:
-    """Raise :class:`VerificationFailed` for each checked parameter whose sums differ beyond the tolerance
-    (``low``: the forward ran under autocast, with 16-bit activations)."""
+def compare(est: Any, engine: CheckSums, oracle: CheckSums, checked: set[int], low: bool = False) -> None:
+    """Raise :class:`VerificationFailed` for each checked parameter whose sums (or their sketches,
+    :mod:`.check_sums`) differ beyond the tolerance (``low``: the forward ran under autocast, with 16-bit
+    activations)."""
     tol, floor_rel = tolerance(est._param_dtypes | ({torch.bfloat16} if low else set()))
     scales = {}
     for pid in checked:
@@ -225,9 +246,10 @@ def compare(
         if scale == 0.0:
             continue
         a, b = engine.get(pid), oracle.get(pid)
-        p = est.params[est.names[pid]]
-        a = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if a is None else a
-        b = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if b is None else b
+        if a is None and b is None:  # neither side computed it (a parameter no call reads): both are zero
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
         if not (math.isfinite(scale) and bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
             continue  # not finite: the pass's finiteness checks name it
         err = float((a.double() - b.to(a.device).double()).abs().max()) / scale
@@ -242,24 +264,30 @@ def verify_batch(est: Any, batch: Any, sites: list, n: int, mask: Tensor | None)
     members = choose_subset(n, mask, est.mode == "local", est.verify_generator)
     if est.estimator == "hebbian":
         verify_hebbian(est, batch, sites, n, mask)
-    checked = {
+    checked = _checked_ids(est, sites)
+    if not checked:
+        return
+    device_type = est._device_type
+    low = torch.is_autocast_enabled(device_type)  # the forward ran with 16-bit activations: so does the oracle
+    sketcher = Sketcher(est.verify_generator)
+    engine, oracle = CheckSums(sketcher), CheckSums(sketcher)
+    with torch.autocast(device_type, enabled=False), torch.no_grad():
+        engine_subset_sums(est, sites, members, engine)
+    if est.mode == "global":
+        oracle_global(est, batch, members, n, mask, oracle)
+    else:
+        oracle_local(est, batch, members, n, mask, oracle)
+    compare(est, engine, oracle, checked, low)
+
+
+def _checked_ids(est: Any, sites: list) -> set[int]:
+    return {
         id(p)
         for s in sites
         for rule, params in est.plan.sites[id(s.module)].groups
         if _checked(est, rule)
         for p in params.values()
     }
-    if not checked:
-        return
-    device_type = est._device_type
-    low = torch.is_autocast_enabled(device_type)  # the forward ran with 16-bit activations: so does the oracle
-    with torch.autocast(device_type, enabled=False), torch.no_grad():
-        engine = engine_subset_sums(est, sites, members)
-    if est.mode == "global":
-        oracle = oracle_global(est, batch, members, n, mask)
-    else:
-        oracle = oracle_local(est, batch, members, n, mask)
-    compare(est, engine, oracle, checked, low)
 
 
 def _hebbian_linear(est: Any, rule: Any) -> bool:
@@ -268,10 +296,21 @@ def _hebbian_linear(est: Any, rule: Any) -> bool:
     return est.estimator == "hebbian" and isinstance(rule, LinearRule)
 
 
-def _engine_hebbian(est: Any, sites: list, members: Tensor, mask: Tensor) -> dict[int, Tensor]:
-    """Σ over the real rows of S's samples of |y|ᵀ|x| (the Linear family's Hebbian sums), per weight."""
+def _add_outer(est: Any, rule: Any, w: Tensor, y: Tensor, x: Tensor, into: CheckSums) -> None:
+    """Add |y|ᵀ|x| in float64 (rows of events), in the weight's layout, block of the weight's rows by block
+    (an LM head's [vocab, width] sum is never whole)."""
+    y, x = y.double().abs(), x.double().abs()
+    rows_side = x if getattr(rule, "transposed", False) else y  # the operand whose columns are w's rows
+    other = y if rows_side is x else x
+    block = max(1, (est.acc.chunk_bytes // 8) // (8 * max(1, other.shape[-1])))
+    for lo in range(0, w.shape[0], block):
+        blk = slice(lo, min(w.shape[0], lo + block))
+        into.add(w, rows_side[:, blk].t() @ other, rows=blk)
+
+
+def _engine_hebbian(est: Any, sites: list, members: Tensor, mask: Tensor, into: CheckSums) -> None:
+    """Add Σ over the real rows of S's samples of |y|ᵀ|x| (the Linear family's Hebbian sums), per weight."""
     n = est.batch_samples
-    totals: dict[int, Tensor] = {}
     for s in sites:
         for rule, params in est.plan.sites[id(s.module)].groups:
             w = params.get("weight")
@@ -290,22 +329,16 @@ def _engine_hebbian(est: Any, sites: list, members: Tensor, mask: Tensor) -> dic
             else:  # shared by the batch: each sample's events
                 x2 = x.reshape(-1, x.shape[-1]).repeat(members.numel(), 1)
                 y2 = y.reshape(-1, y.shape[-1]).repeat(members.numel(), 1)
-            dt = torch.float64
-            a, b = rule._pair(y2.to(dt).abs(), x2.to(dt).abs())
-            g = a.t() @ b
-            totals[id(w)] = g if id(w) not in totals else totals[id(w)] + g
-    return totals
+            _add_outer(est, rule, w, y2, x2, into)
 
 
-def _oracle_hebbian(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor) -> dict[int, Tensor]:
-    """Each sample of S alone and unpadded: Σ over every row of its calls of |y|ᵀ|x|, per weight."""
-    totals: dict[int, Tensor] = {}
+def _oracle_hebbian(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor, into: CheckSums) -> None:
+    """Add, for each sample of S alone and unpadded, Σ over every row of its calls of |y|ᵀ|x|, per weight."""
     for piece, k in _pieces(est, batch, members, n, mask, alone=True):
-        _run_consuming(est, piece, k, lambda s: _hebbian_sums(est, s, totals))
-    return totals
+        _run_consuming(est, piece, k, lambda s: _hebbian_sums(est, s, into))
 
 
-def _hebbian_sums(est: Any, s: Any, totals: dict[int, Tensor]) -> None:
+def _hebbian_sums(est: Any, s: Any, into: CheckSums) -> None:
     """Add Σ over every row of call ``s`` (a sample alone) of |y|ᵀ|x|, per Linear-family weight."""
     for rule, params in est.plan.sites[id(s.module)].groups:
         w = params.get("weight")
@@ -314,10 +347,7 @@ def _hebbian_sums(est: Any, s: Any, totals: dict[int, Tensor]) -> None:
         y = s.outputs[0]
         act = est.activation_of.get(id(s.module))
         y = act(y) if act is not None else y
-        x2, y2 = s.x.reshape(-1, s.x.shape[-1]), y.reshape(-1, y.shape[-1])
-        a, b = rule._pair(y2.double().abs(), x2.double().abs())
-        g = a.t() @ b
-        totals[id(w)] = g if id(w) not in totals else totals[id(w)] + g
+        _add_outer(est, rule, w, y.reshape(-1, y.shape[-1]), s.x.reshape(-1, s.x.shape[-1]), into)
 
 
 def verify_hebbian(est: Any, batch: Any, sites: list, n: int, mask: Tensor | None) -> None:
@@ -326,29 +356,33 @@ def verify_hebbian(est: Any, batch: Any, sites: list, n: int, mask: Tensor | Non
     if mask is None or bool(mask.all()):
         return
     members = choose_subset(n, mask, True, est.verify_generator)
+    sketcher = Sketcher(est.verify_generator)
+    engine, oracle = CheckSums(sketcher), CheckSums(sketcher)
     with torch.no_grad():
-        engine = _engine_hebbian(est, sites, members, mask)
+        _engine_hebbian(est, sites, members, mask, engine)
         if not engine:
             return
-        oracle = _oracle_hebbian(est, batch, members, n, mask)
+        _oracle_hebbian(est, batch, members, n, mask, oracle)
     compare(est, engine, oracle, set(engine) | set(oracle), low=torch.is_autocast_enabled(est._device_type))
 
 
 class StreamCheck:
-    """The self-check of a streamed batch (:mod:`.streaming`): the independent sums first (each sample of S
-    alone, one call at a time), the engine's added as each call is reduced, compared after the forward. It
-    holds those sums for the checked parameters only, never the batch's calls."""
+    """The self-check of a streamed batch (:mod:`.streaming`, :mod:`.backward_stream`): the independent sums
+    first (local: each sample of S alone, one call at a time; global: ``autograd.grad`` on S's samples, before
+    the batch's forward), the engine's added as each call is reduced, compared after the batch. It holds those
+    sums (or their sketches, :mod:`.check_sums`) for the checked parameters only, never the batch's calls."""
 
     def __init__(self, est: Any, batch: Any, n: int, mask: Tensor | None) -> None:
         self.est, self.mask = est, mask
         self.members = choose_subset(n, mask, est.mode == "local", est.verify_generator)
         self.hebbian = est.estimator == "hebbian" and mask is not None and not bool(mask.all())
-        self.engine: dict[int, Tensor] = {}
-        self.engine_hebbian: dict[int, Tensor] = {}
-        self.oracle_hebbian: dict[int, Tensor] = {}
-        self.members_hebbian = self.members  # local mode: the same subset serves both checks
+        sketcher = Sketcher(est.verify_generator)
+        self.engine, self.oracle = CheckSums(sketcher), CheckSums(sketcher)
+        self.engine_hebbian, self.oracle_hebbian = CheckSums(sketcher), CheckSums(sketcher)
         self.checked: set[int] = set()
-        self.oracle: dict[int, Tensor] = {}
+        if est.mode == "global":
+            oracle_global(est, batch, self.members, n, mask, self.oracle)
+            return
 
         def take(s) -> None:  # each sample of the subset alone, once, for both sums
             _local_grads(est, s, self.oracle)
@@ -361,16 +395,11 @@ class StreamCheck:
     def add(self, sites: list) -> None:
         """The engine's subset sums of these calls (after Δ)."""
         est = self.est
-        for s in sites:
-            for rule, params in est.plan.sites[id(s.module)].groups:
-                if _checked(est, rule):
-                    self.checked.update(id(p) for p in params.values())
+        self.checked |= _checked_ids(est, sites)
         with torch.autocast(est._device_type, enabled=False), torch.no_grad():
-            for pid, g in engine_subset_sums(est, sites, self.members).items():
-                self.engine[pid] = g if pid not in self.engine else self.engine[pid] + g
-            if self.hebbian:
-                for pid, g in _engine_hebbian(est, sites, self.members_hebbian, self.mask).items():
-                    self.engine_hebbian[pid] = g if pid not in self.engine_hebbian else self.engine_hebbian[pid] + g
+            engine_subset_sums(est, sites, self.members, self.engine)
+            if self.hebbian:  # local mode: the same subset serves both checks
+                _engine_hebbian(est, sites, self.members, self.mask, self.engine_hebbian)
 
     def finish(self) -> None:
         """Raise :class:`VerificationFailed` as :func:`verify_batch` would on the same batch."""
