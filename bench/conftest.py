@@ -1,8 +1,9 @@
 """Shared settings of the benchmark suites.
 
 ``MAS_BENCH_DEVICE``  ``cpu`` or ``cuda`` (default: ``cuda`` when a GPU is visible).
-``MAS_BENCH_SIZE``    ``cpu`` (small shapes, seconds on a 2-core machine) or ``gpu``
-                      (the GPU table's sizes, bench/gpu_table.py); default follows the device.
+``MAS_BENCH_SIZE``    ``cpu`` (small shapes, seconds on a 2-core machine), ``gpu``
+                      (the GPU table's sizes, bench/gpu_table.py), or ``real`` (the e2e group on GPT-2
+                      124M and a 336M Llama, minutes on a CPU); default follows the device.
 ``MAS_BENCH_THREADS`` torch CPU threads (default: torch's own choice). On a shared
                       CPU, 1 avoids oversubscription, which otherwise dominates timings.
 

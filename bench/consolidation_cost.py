@@ -4,7 +4,9 @@ Prints the table of docs/performance.md: local hebbian ÷ forward, global sample
 the per-sample autograd loop ÷ global sample (with both peak memories: the C heap sampled after every aten op,
 glibc's ``mallinfo2``), and consolidation ÷ forward on tiny models. OpenMP threads should not spin on a shared
 machine: the script sets ``OMP_WAIT_POLICY=passive`` unless it is set.
-Run: ``python bench/consolidation_cost.py [--repeats 5] [--threads 2] [--out FILE]``.
+Run: ``python bench/consolidation_cost.py [--repeats 5] [--threads 2] [--real] [--out FILE]``; ``--real`` adds the
+real sizes (GPT-2 124M, a 336M Llama, depth 12/24/48; ``bench/real_size.py``, each run in a fresh process, with
+peak memory).
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the table to this file")
+    ap.add_argument("--real", action="store_true", help="also GPT-2 124M, a 336M Llama and the depth scaling")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -196,6 +199,11 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|",
     ] + [f"| {m} | {w} | {r:.2f}× | {st} | {tg} |" for m, w, r, st, tg in rows]
     text = "\n".join(lines)
+    if args.real:
+        from bench import real_size
+
+        command = f"python bench/consolidation_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+        text += "\n\n" + real_size.report("gpt2,llama,depth", min(args.repeats, 2), args.threads, command)
     print(text)
     if args.out:
         with open(args.out, "w") as fh:

@@ -111,3 +111,40 @@ def tiny_mlp():
 
 def tiny_llama():
     return llama(hidden=64, layers=1, data=(4, 4, 16))
+
+
+def gpt2_124m(data=(4, 4, 128)):
+    """GPT-2 124M as ``GPT2Config()`` builds it: 12 layers of width 768, the full 50257-token vocabulary, the
+    embedding tied to the LM head."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    model.config.use_cache = False
+    return model, _tokens(50257, *data)
+
+
+def llama_336m(data=(4, 4, 128)):
+    """A Llama-shaped model of 336M parameters from a config: 24 layers of width 1024 (16 heads, 4 key/value
+    heads), MLP 2816, a 32000-token vocabulary with an untied head."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=max(128, data[2]),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.config.use_cache = False
+    return model, _tokens(32000, *data)
+
+
+def gpt2_narrow(layers: int, data=(4, 4, 128)):
+    """A deep, narrow GPT-2 for depth scaling: width 128, 4 heads, a 1024-token vocabulary."""
+    return gpt2(hidden=128, layers=layers, data=data)

@@ -3,8 +3,10 @@
 Each model is one group: a forward pass over the data and a forward+backward pass of Σ‖f‖² (the
 yardsticks), then ``compute_importance`` with every estimator on the same model and data.
 ``extra_info`` carries each time as a multiple of the forward (``x_forward``) and of the
-forward+backward (``x_forward_backward``) measured in the same session. The same ratios, from one
-script run, are in ``bench/consolidation_cost.py`` and ``docs/performance.md``.
+forward+backward (``x_forward_backward``) measured in the same session, and the extra peak memory of one
+more run (``peak_extra_mib``). The same ratios, from one script run, are in ``bench/consolidation_cost.py``
+and ``docs/performance.md``. ``MAS_BENCH_SIZE=real`` runs GPT-2 124M (full vocabulary) and a 336M-parameter
+Llama instead, four batches of 4 × 128 tokens (``bench/real_size.py`` measures the same in fresh processes).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import mas_local as ml
 
 from . import models
-from .helpers import bench_device, bench_size, mean_seconds, sync
+from .helpers import bench_device, bench_size, mean_seconds, peak_extra_mib, sync
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,6 +29,8 @@ BUILDERS = {
     "gpt2": models.gpt2,
     "resnet": models.resnet,
 }
+if SIZE == "real":
+    BUILDERS = {"gpt2-124m": models.gpt2_124m, "llama-336m": models.llama_336m}
 ESTIMATORS = [("global", "sample"), ("global", "batch"), ("local", "hebbian"), ("local", "sample"), ("local", "batch")]
 _yardsticks: dict[tuple[str, str], float] = {}
 
@@ -44,9 +48,11 @@ def _out(model, batch):
     return y.logits if hasattr(y, "logits") else y
 
 
-def _record(benchmark, name: str, kind: str) -> None:
+def _record(benchmark, name: str, kind: str, fn=None) -> None:
     t = mean_seconds(benchmark)
     benchmark.extra_info["device"] = str(DEVICE)
+    if fn is not None and t:  # timing enabled: one more run for the memory (the probe slows the run it watches)
+        benchmark.extra_info["peak_extra_mib"] = round(peak_extra_mib(fn, DEVICE), 1)
     if not t:
         return
     if kind in ("forward", "forward_backward"):
@@ -67,7 +73,7 @@ def test_forward(benchmark, case):
         sync(DEVICE)
 
     benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
-    _record(benchmark, name, "forward")
+    _record(benchmark, name, "forward", fn)
 
 
 def test_forward_backward(benchmark, case):
@@ -81,7 +87,7 @@ def test_forward_backward(benchmark, case):
         sync(DEVICE)
 
     benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
-    _record(benchmark, name, "forward_backward")
+    _record(benchmark, name, "forward_backward", fn)
 
 
 @pytest.mark.parametrize("mode, estimator", ESTIMATORS, ids=[f"{m}-{e}" for m, e in ESTIMATORS])
@@ -97,4 +103,4 @@ def test_consolidate(benchmark, case, mode, estimator):
     omega = benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(omega) == trainable and all(torch.isfinite(o).all() for o in omega.values())
-    _record(benchmark, name, f"{mode}-{estimator}")
+    _record(benchmark, name, f"{mode}-{estimator}", fn)
