@@ -186,3 +186,50 @@ def test_first_batch_does_not_hold_the_planning_forward_while_it_runs_again():
     step, ours = peak_extra_bytes(training_step)[1], peak_extra_bytes(first_batch)[1]
     # measured: 18 MiB for the step, 36 MiB for the pass; 64 MiB while the planning forward's graph was kept
     assert ours < 2.5 * step
+
+
+class Folded(nn.Module):
+    """No rule of its own (the generic rule), and an input with the batch folded into its first axis
+    ([2·B, 4]): re-run on one sample's slices it fails, so the pass learns only after the backward, while
+    reducing, that this batch must go one sample at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x, folded):
+        return x * self.w + folded.view(x.shape[0], 2, 4).sum(1)
+
+
+class FoldedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.mid, self.b = nn.Linear(4, 4), Folded(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(self.mid(h, torch.cat([h, h.flip(-1)])))
+
+
+def test_a_batch_that_fails_after_part_of_it_streamed_is_undone_or_refused(monkeypatch):
+    """The last Linear is reduced during the backward, then the generic rule fails on Folded: the first batch
+    is taken back and computed sample by sample (exact, with or without the self-check); a failure that
+    could only follow a partial reduction later in a pass is refused, never counted twice."""
+    torch.manual_seed(0)
+    model = FoldedNet().double()
+    g = torch.Generator().manual_seed(1)
+    x4, x3 = torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    seen = _spy(monkeypatch)
+    for verify in ("first", "off"):
+        seen.clear()
+        got = ml.compute_importance(model, [x4, x4], "global", "sample", progress=False, verify=verify)
+        want = _loop(model, [x4, x4], lambda m, x: m(x))
+        for name in want:
+            torch.testing.assert_close(got[name].double(), want[name], rtol=1e-9, atol=1e-12, msg=name)
+        assert seen and seen[0][1] is not None  # the first batch streamed (and was undone)
+    with pytest.raises(ml.ImportanceError, match="cannot be restored.*verify='first'"):
+        ml.compute_importance(model, [x4, x3], "global", "sample", progress=False, verify="off", stream=False)
+    got = ml.compute_importance(model, [x4, x3], "global", "sample", progress=False)  # checked: found first
+    want = _loop(model, [x4, x3], lambda m, x: m(x))
+    for name in want:
+        torch.testing.assert_close(got[name].double(), want[name], rtol=1e-9, atol=1e-12, msg=name)

@@ -130,6 +130,8 @@ class Estimator:
         self._clone_modules: set[tuple[int, str]] = set()
         self._probe = self._probe_out = None  # the first batch's probe and output, until expansion is verified
         self._check_ahead: Any = None  # global: a self-check whose oracle ran before the batch (pipeline.check_ahead)
+        # counts before the batch when nothing was accumulated yet (pipeline.undo_partial), else None
+        self._fresh: dict[str, int] | None = None
         self._any_training: bool | None = None
         every = list(model.parameters())
         self._param_devices = {p.device for p in every}
@@ -239,6 +241,7 @@ class Estimator:
     def _update_planned(self, batch: Any, n: int, key: tuple, replanned: bool = False) -> None:
         self._replanned = replanned
         self.plan = self.book.plan(key)
+        self._fresh = dict(self.stats.counts) if not self.stats.sums else None
         self._check_ahead = check_ahead(self, batch, n)
         try:
             if self.plan is None and streams_first_batch(self):

@@ -23,7 +23,7 @@ from .guards import check_output
 from .reduction import reduce_sites
 from .signature import ReadCounter, read_counts
 from .streaming import Streamer, can_stream, undo
-from .verify import StreamCheck, VerificationFailed, verify_batch
+from .verify import StreamCheck, verify_batch
 
 
 class Replan(Exception):
@@ -146,7 +146,6 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
     """Δ of the captured calls, checks, and the statistics of one batch (``streamer``: ``sites`` are the
     calls a streamed forward kept; the others were reduced as they returned)."""
     streamed = streamer is not None
-    grad_ctx = torch.enable_grad() if est.mode == "global" else torch.no_grad()
     key = est._signature
     counts = None
     if est.mode == "global" and key is not None and not est.sharded:
@@ -178,6 +177,41 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
     )
     check = est._check_ahead if verify_due else None  # its independent sums were computed before the forward
     est._check_ahead = None
+    writes = est.stats.writes
+    try:
+        _deltas_and_statistics(est, out, sites, batch, streamer, layouts, verify_due, check)
+    except Exception as failed:
+        if est.stats.writes != writes:  # a rule or the check failed after part of the batch was added
+            undo_partial(est, failed, streamer)
+        raise
+    if key is not None:
+        est.book.note_reduced(key)
+
+
+def undo_partial(est, failed: Exception, streamer: Any) -> None:
+    """Take back a batch that failed after part of it was added to the statistics (a rule that cannot follow
+    a layout, after other calls were reduced during the backward or before it): possible when nothing was
+    accumulated before the batch (the statistics are emptied); otherwise refused, never counted twice."""
+    if est._fresh is None:
+        raise ImportanceError(
+            f"a batch failed after part of it was added to the importance ({type(failed).__name__}: {failed}); "
+            "the statistics cannot be restored. With verify='first' (the default) the first batch of each batch "
+            "signature is checked before anything is added"
+        ) from failed
+    est.stats.sums.clear()
+    est.stats.counts.clear()
+    est.stats.counts.update(est._fresh)
+    if streamer is not None:  # its streamed calls went with the rest
+        streamer.streamed.clear()
+
+
+def _deltas_and_statistics(
+    est, out: Tensor, sites: list[Site], batch: Any, streamer: Any, layouts: tuple, verify_due: bool, check: Any
+) -> None:
+    """Δ of the captured calls (global ``sample``: through the backward, streamed when it can), the self-check,
+    and the statistics of one batch."""
+    key = layouts[0]
+    grad_ctx = torch.enable_grad() if est.mode == "global" else torch.no_grad()
     with grad_ctx:
         if est.mode == "local":
             est._local_deltas(sites)
@@ -185,25 +219,29 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
             for rule, _ in est.plan.sites[id(s.module)].groups:
                 rule.check(est.acc, s, est._needs_samples(rule, s))
         if est.mode == "global":
-            streams = can_stream_backward(est) and (not verify_due or check is not None)
+            # A streamed batch adds to Ω during the backward, before its other calls are reduced; a rule that
+            # fails after that (a layout it cannot follow) or a failed self-check must be undone, which is
+            # possible while nothing was accumulated before the batch (undo_partial); otherwise only a
+            # signature whose batches already went through every rule streams.
+            streams = (
+                can_stream_backward(est)
+                and (not verify_due or check is not None)
+                and (not est.stats.sums or key is None or est.book.reduced(key))
+            )
             kept = stream_global(est, out, sites, check) if streams else None
             if kept is None:
                 est._global_deltas(out, sites)
             else:  # the other calls were reduced during the backward (mas_local.importance.backward_stream)
                 sites = kept
-    if not streamed and key is not None and est.mode == "local":
+    if streamer is None and key is not None and est.mode == "local":
         est.book.note_calls(key, Counter(id(s.module) for s in sites))
-    if streamed and streamer.check is not None:  # the streamed calls were added as they returned
+    if streamer is not None and streamer.check is not None:  # the streamed calls were added as they returned
         streamer.check.add(sites)
         streamer.check.finish()
         est.book.checked((key, tuple(streamer.layouts)))
     if check is not None:  # the calls reduced during the backward were added there
         check.add(sites)
-        try:
-            check.finish()
-        except VerificationFailed:
-            est.stats.sums.clear()  # empty before this batch (check_ahead): undoes what the backward reduced
-            raise
+        check.finish()
         est.book.checked(layouts)
     elif verify_due:
         verify_batch(est, batch, sites, est.batch_samples, est._mask)

@@ -104,6 +104,7 @@ class PlanBook:
         self._reads: dict[tuple, dict[int, int]] = {}
         self._calls: dict[tuple, Counter] = {}
         self._checked: set[tuple] = set()
+        self._reduced: set[tuple] = set()
         self.alone: set[tuple] = set()
 
     def plan(self, key: tuple) -> Any:
@@ -116,6 +117,14 @@ class PlanBook:
         self._plans.pop(key, None)
         self._reads.pop(key, None)
         self._calls.pop(key, None)
+        self._reduced.discard(key)
+
+    def reduced(self, key: tuple) -> bool:
+        """Whether a batch of this signature went through the whole reduction (its rules ran on every call)."""
+        return key in self._reduced
+
+    def note_reduced(self, key: tuple) -> None:
+        self._reduced.add(key)
 
     def calls(self, key: tuple) -> Counter | None:
         """How often the signature's planning batch (a batch whose calls were all kept) called each module."""

@@ -60,6 +60,7 @@ class Statistics:
         self.names = {id(p): name for name, p in params.items()}
         self.fingerprint = fingerprint
         self.sums: dict[str, Tensor] = {}
+        self.writes = 0  # additions so far: a batch that fails after some can tell that it must be undone
         self.counts: dict[str, int] = {name: 0 for name in params}
         self.seen: set[str] = set()  # parameters some module call reported
         # local hebbian: parameters judged by the sample statistic, averaged over every sample of the pass
@@ -72,6 +73,8 @@ class Statistics:
         return p.shape
 
     def sum_of(self, p: Tensor) -> Tensor:
+        """``p``'s sum, to add to in place (counted in :attr:`writes`)."""
+        self.writes += 1
         name = self.names[id(p)]
         s = self.sums.get(name)
         if s is None:
@@ -83,10 +86,12 @@ class Statistics:
         s.add_(value.to(s.dtype))
 
     def add_count(self, p: Tensor, count: int) -> None:
+        self.writes += 1
         self.counts[self.names[id(p)]] += int(count)
 
     def count_all(self, count: int) -> None:
         """Every parameter's count grows by ``count`` (samples or batches: all share the denominator)."""
+        self.writes += 1
         for name in self.params:
             self.counts[name] += int(count)
 
