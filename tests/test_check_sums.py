@@ -125,3 +125,29 @@ def test_a_wrong_rule_on_a_sketched_parameter_is_caught(mode, caplog, monkeypatc
         assert_close(got, want)
     finally:
         unregister_rule(BigEmbedding)
+
+
+@pytest.mark.parametrize("chunk_bytes", [12 * 4 * 7, 12 * 4])  # 7-row and 1-row blocks of the tied 40 x 12 weight
+def test_the_engine_side_by_row_blocks_passes_the_check(chunk_bytes, caplog):
+    """With a small scratch budget the engine's subset sums of the tied embedding and head come block of rows by
+    block; they must still equal the independent side, or the check would send the batch sample by sample."""
+    from tests.test_backward_stream import TiedLM
+
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 40, (6, 9), generator=gen) for _ in range(2)]
+    calls = []
+    real = cs.CheckSums.add
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(cs.CheckSums, "add", lambda self, p, g, rows=None: calls.append(rows) or real(self, p, g, rows))
+    try:
+        with caplog.at_level(logging.INFO, logger="mas_local"):
+            for mode in ("global", "local"):
+                ml.compute_importance(
+                    model, data, mode=mode, estimator="sample", progress=False, chunk_bytes=chunk_bytes, verify="every"
+                )
+    finally:
+        monkeypatch.undo()
+    assert any(r is not None and r.stop - r.start < 40 for r in calls)  # the blocked path ran
+    assert "one sample at a time" not in caplog.text

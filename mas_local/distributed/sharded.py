@@ -39,6 +39,7 @@ class ShardedStatistics(Statistics):
         name = self.names[id(p)]
         if name not in self.presynced:
             return super().sum_of(p)
+        self.writes += 1
         buf = self._pending.get(name)
         if buf is None:
             size = sum_dtype(p).itemsize * p.numel()
@@ -47,6 +48,10 @@ class ShardedStatistics(Statistics):
             buf = self._pending[name] = torch.zeros(p.shape, dtype=sum_dtype(p), device=shard_of(p).device)
             self._pending_bytes += size
         return buf
+
+    def restart(self, counts: dict[str, int]) -> None:
+        super().restart(counts)
+        self._pending, self._pending_bytes = {}, 0
 
     def flush(self) -> None:
         """All-reduce the pending full-size contributions and add this rank's shard to the sums."""

@@ -198,9 +198,7 @@ def undo_partial(est, failed: Exception, streamer: Any) -> None:
             "the statistics cannot be restored. With verify='first' (the default) the first batch of each batch "
             "signature is checked before anything is added"
         ) from failed
-    est.stats.sums.clear()
-    est.stats.counts.clear()
-    est.stats.counts.update(est._fresh)
+    est.stats.restart(est._fresh)
     if streamer is not None:  # its streamed calls went with the rest
         streamer.streamed.clear()
 

@@ -81,6 +81,12 @@ class Statistics:
             s = self.sums[name] = torch.zeros_like(p, dtype=sum_dtype(p))  # p's memory format (channels_last)
         return s
 
+    def restart(self, counts: dict[str, int]) -> None:
+        """Back to no sums and these counts (a batch that failed after adding to a pass that had nothing)."""
+        self.sums.clear()
+        self.counts.clear()
+        self.counts.update(counts)
+
     def add_sum(self, p: Tensor, value: Tensor) -> None:
         s = self.sum_of(p)
         s.add_(value.to(s.dtype))
