@@ -108,8 +108,8 @@ def main(argv=None) -> int:
         "the batch (MiB); Ω's accumulators are allocated before the measured batch and listed apart. "
         '"Steady": a batch after the first of its signature. "First": the first, streamed: a planning forward, '
         'then the batch, with the self-check (`verify="first"`, the default) or without it; it includes '
-        "allocating Ω's accumulators, and the check holds the sums of the parameters it checks (under `hebbian`, "
-        "those without a Hebbian rule: GPT-2's tied 50257 × 768 embedding dominates).",
+        "allocating Ω's accumulators, and the check's sums of the parameters it checks (under `hebbian`, those "
+        "without a Hebbian rule), held whole up to 65,536 elements and as sketches above that (docs/math.md).",
         "",
         "| model | Ω (MiB) | forward no-grad peak | kept: steady peak | streamed: steady peak | streamed ÷ kept "
         "| first batch peak (checked) | first batch peak (verify off) | streamed time ÷ forward |",

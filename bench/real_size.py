@@ -182,7 +182,7 @@ def report(models: str, repeats: int, threads: int, command: str) -> str:
         lines += [
             "| run | seconds | ÷ yardstick (pass) | ÷ yardstick (batches after the first) | extra peak (MiB) "
             "| bound (MiB) | within |",
-            "|---|" * 7,
+            "|" + "---|" * 7,
         ]
         bounds = {
             "hebbian": ("forward", 2.2, 1.2 * omega + 300),
