@@ -1,4 +1,4 @@
-"""The self-check holds its sums in bounded memory: large parameters as random sketches (mas_local.importance.check_sums).
+"""The self-check holds its sums in bounded memory: large parameters as random sketches (importance.check_sums).
 
 A sketch must add up like the sum it stands for (whole or row block by row block, in any order), equal sums must
 pass the check's tolerance, and a sum that differs where a misattributed row would put it must fail. End to end, a
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import mas_local as ml
-from mas_local.importance import register_rule, unregister_rule
 from mas_local.importance import check_sums as cs
+from mas_local.importance import register_rule, unregister_rule
 from mas_local.importance.rules.embedding import EmbeddingRule
 from tests import oracles
 from tests.test_importance import assert_close
