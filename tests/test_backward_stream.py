@@ -189,16 +189,18 @@ def test_first_batch_does_not_hold_the_planning_forward_while_it_runs_again():
 
 
 class Folded(nn.Module):
-    """No rule of its own (the generic rule), and an input with the batch folded into its first axis
-    ([2·B, 4]): re-run on one sample's slices it fails, so the pass learns only after the backward, while
-    reducing, that this batch must go one sample at a time."""
+    """No rule of its own (the generic rule), and, when ``fold`` is on, an input with the batch folded into its
+    first axis ([2·B, 4]): re-run on one sample's slices it then fails, so the pass learns only after the
+    backward, while reducing, that this batch must go one sample at a time."""
 
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.randn(4))
+        self.fold = True
 
     def forward(self, x, folded):
-        return x * self.w + folded.view(x.shape[0], 2, 4).sum(1)
+        y = x * self.w
+        return y + folded.view(x.shape[0], 2, 4).sum(1) if self.fold else y + folded[: x.shape[0]].detach() * 0
 
 
 class FoldedNet(nn.Module):
@@ -211,10 +213,16 @@ class FoldedNet(nn.Module):
         return self.b(self.mid(h, torch.cat([h, h.flip(-1)])))
 
 
-def test_a_batch_that_fails_after_part_of_it_streamed_is_undone_or_refused(monkeypatch):
-    """The last Linear is reduced during the backward, then the generic rule fails on Folded: the first batch
-    is taken back and computed sample by sample (exact, with or without the self-check); a failure that
-    could only follow a partial reduction later in a pass is refused, never counted twice."""
+def _assert_loop(got: dict, model: nn.Module, data: list) -> None:
+    want = _loop(model, data, lambda m, x: m(x))
+    for name in want:
+        torch.testing.assert_close(got[name].double(), want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_batch_that_fails_after_part_of_it_was_reduced_is_taken_back(monkeypatch):
+    """The last Linear is reduced during the backward, then the generic rule fails on Folded. The first batch of
+    the pass is taken back (the statistics emptied) and computed sample by sample; a new signature later in an
+    unchecked pass is reduced apart and added only once every rule ran. Exact in every case."""
     torch.manual_seed(0)
     model = FoldedNet().double()
     g = torch.Generator().manual_seed(1)
@@ -223,13 +231,27 @@ def test_a_batch_that_fails_after_part_of_it_streamed_is_undone_or_refused(monke
     for verify in ("first", "off"):
         seen.clear()
         got = ml.compute_importance(model, [x4, x4], "global", "sample", progress=False, verify=verify)
-        want = _loop(model, [x4, x4], lambda m, x: m(x))
-        for name in want:
-            torch.testing.assert_close(got[name].double(), want[name], rtol=1e-9, atol=1e-12, msg=name)
-        assert seen and seen[0][1] is not None  # the first batch streamed (and was undone)
-    with pytest.raises(ml.ImportanceError, match="cannot be restored.*verify='first'"):
-        ml.compute_importance(model, [x4, x3], "global", "sample", progress=False, verify="off", stream=False)
-    got = ml.compute_importance(model, [x4, x3], "global", "sample", progress=False)  # checked: found first
-    want = _loop(model, [x4, x3], lambda m, x: m(x))
-    for name in want:
-        torch.testing.assert_close(got[name].double(), want[name], rtol=1e-9, atol=1e-12, msg=name)
+        _assert_loop(got, model, [x4, x4])
+        assert seen and seen[0][1] is not None  # the first batch streamed (and was taken back)
+        for stream in (True, False):
+            kw = dict(progress=False, verify=verify, stream=stream)
+            _assert_loop(ml.compute_importance(model, [x4, x3], "global", "sample", **kw), model, [x4, x3])
+
+
+def test_a_failure_after_a_partial_reduction_that_cannot_be_undone_is_refused():
+    """A signature whose batches went through every rule streams; if a later batch of it fails after part of it
+    was added (here the model starts folding its input), the pass raises instead of counting it twice."""
+    torch.manual_seed(0)
+    model = FoldedNet().double()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    model.mid.fold = False
+
+    def data():
+        yield xs[0]
+        yield xs[1]
+        model.mid.fold = True  # the same parameters read by the same calls: the same plan
+        yield xs[2]
+
+    with pytest.raises(ml.ImportanceError, match="cannot be restored"):
+        ml.compute_importance(model, data(), "global", "sample", progress=False)

@@ -22,6 +22,7 @@ from .capture import Capture, Site
 from .guards import check_output
 from .reduction import reduce_sites
 from .signature import ReadCounter, read_counts
+from .statistics import Statistics
 from .streaming import Streamer, can_stream, undo
 from .verify import StreamCheck, verify_batch
 
@@ -177,6 +178,12 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
     )
     check = est._check_ahead if verify_due else None  # its independent sums were computed before the forward
     est._check_ahead = None
+    scratch = None
+    if not verify_due and not est.sharded and est.stats.sums and key is not None and not est.book.reduced(key):
+        # an unchecked first batch of a signature, later in a pass: reduced into sums of its own, added once
+        # every rule ran, so that a rule that cannot follow its layout leaves nothing to take back
+        scratch = Statistics(est.params, est.stats.fingerprint)
+        est.acc.stats = scratch
     writes = est.stats.writes
     try:
         _deltas_and_statistics(est, out, sites, batch, streamer, layouts, verify_due, check)
@@ -184,6 +191,10 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
         if est.stats.writes != writes:  # a rule or the check failed after part of the batch was added
             undo_partial(est, failed, streamer)
         raise
+    finally:
+        est.acc.stats = est.stats
+    if scratch is not None:
+        est.stats.merge(scratch)
     if key is not None:
         est.book.note_reduced(key)
 
@@ -191,7 +202,8 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
 def undo_partial(est, failed: Exception, streamer: Any) -> None:
     """Take back a batch that failed after part of it was added to the statistics (a rule that cannot follow
     a layout, after other calls were reduced during the backward or before it): possible when nothing was
-    accumulated before the batch (the statistics are emptied); otherwise refused, never counted twice."""
+    accumulated before the batch (the statistics are emptied); otherwise (a signature whose batches went
+    through every rule before) refused, never counted twice."""
     if est._fresh is None:
         raise ImportanceError(
             f"a batch failed after part of it was added to the importance ({type(failed).__name__}: {failed}); "

@@ -81,6 +81,15 @@ class Statistics:
             s = self.sums[name] = torch.zeros_like(p, dtype=sum_dtype(p))  # p's memory format (channels_last)
         return s
 
+    def merge(self, other: Statistics) -> None:
+        """Add ``other``'s sums and counts (a batch reduced apart, ``pipeline.reduce_captured``)."""
+        for name, t in other.sums.items():
+            self.sum_of(self.params[name]).add_(t)
+        for name, c in other.counts.items():
+            self.counts[name] += c
+        self.sampled |= other.sampled
+        self.seen |= other.seen
+
     def restart(self, counts: dict[str, int]) -> None:
         """Back to no sums and these counts (a batch that failed after adding to a pass that had nothing)."""
         self.sums.clear()
