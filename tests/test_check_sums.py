@@ -38,6 +38,10 @@ def test_small_parameters_are_held_whole_and_large_ones_as_a_sketch():
     sums.add(large, g_large)
     assert torch.equal(sums.get(id(small)), g_small)
     assert sums.get(id(large)).numel() == cs.SKETCH_RANK * (300 + 257) < large.numel()
+    long = torch.empty(100_000)  # a vector: its sketch would be 8x its size, so it is held whole
+    g_long = torch.randn(100_000)
+    sums.add(long, g_long)
+    assert torch.equal(sums.get(id(long)), g_long)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

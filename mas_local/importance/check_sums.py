@@ -2,13 +2,14 @@
 
 The check compares two sums over a subset of samples, per parameter: the engine's and an independent one. Both
 are linear in the per-sample gradients, so each side is added piece by piece (a call, a sample, a block of rows)
-as it is computed. A parameter of at most ``EXACT_NUMEL`` elements is held whole and compared element by element.
-A larger one (an embedding and tied LM head of 50257 × 768, a Llama MLP matrix) is held as a sketch: viewed as a
-matrix G of m rows, the check keeps R·G ([r, n]) and G·Q ([m, r]) with Gaussian R ([r, m], scaled by 1/√m) and
-Q ([n, r], by 1/√n) drawn from the check's generator and shared by both sides. A sum that differs anywhere
-differs in its sketch with probability 1; an error in one element shows once it exceeds about √n (or √m) times
-the tolerance relative to the largest sketched value, which a row given to the wrong sample exceeds by far.
-The sketch costs r·(m + n) numbers per side instead of m·n (a float32 Ω-sized copy per side before).
+as it is computed. A parameter of at most ``EXACT_NUMEL`` elements is held whole and compared element by element
+(so is a long vector, whose sketch would be no smaller). A larger one (an embedding and tied LM head of
+50257 × 768, a Llama MLP matrix) is held as a sketch: viewed as a matrix G of m rows, the check keeps R·G
+([r, n]) and G·Q ([m, r]) with Gaussian R ([r, m], scaled by 1/√m) and Q ([n, r], by 1/√n) drawn from the
+check's generator and shared by both sides. A sum that differs anywhere differs in its sketch with probability
+1; an error in one element shows once it exceeds about √n (or √m) times the tolerance relative to the largest
+sketched value, which a row given to the wrong sample exceeds by far. The sketch costs r·(m + n) numbers per
+side instead of m·n (a float32 Ω-sized copy per side before).
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def _rows_cols(shape: torch.Size) -> tuple[int, int]:
 
 
 def sketched(p: Tensor) -> bool:
-    return p.numel() > EXACT_NUMEL
+    """Whether ``p``'s sums are held as a sketch: large, and not so narrow (a long vector) that the sketch,
+    r·(m + n) numbers, would not be smaller than the sum itself."""
+    m, n = _rows_cols(p.shape)
+    return p.numel() > EXACT_NUMEL and SKETCH_RANK * (m + n) < p.numel()
 
 
 class CheckSums:
