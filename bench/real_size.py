@@ -32,6 +32,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.consolidation_cost import forward, forward_backward  # noqa: E402
 from bench.timing import emit, header  # noqa: E402
 
 MODELS = {
@@ -50,16 +51,7 @@ def _params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def run_forward(model, data):
-    with torch.no_grad():
-        for b in data:
-            _logits(model, b)
-
-
-def run_forward_backward(model, data):
-    params = _params(model)
-    for b in data:
-        torch.autograd.grad(_logits(model, b).pow(2).sum(), params)
+run_forward, run_forward_backward = forward, forward_backward  # the yardsticks of consolidation_cost.py
 
 
 def run_hebbian(model, data):

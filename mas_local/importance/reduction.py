@@ -155,10 +155,16 @@ def _shared_sample(acc: Any, sites: list[Site], plan: Plan, n: int, shared: set[
         _shared_whole(acc, sites, plan, n, shared - by_rows)
 
 
-def _shared_rows(acc: Any, p: Tensor, calls: list[tuple[Site, Any, str]], n: int) -> None:
+def row_budget(acc: Any, p: Tensor) -> tuple[torch.dtype, int, int]:
+    """(dtype, bytes of one row, scratch budget) for per-sample work on ``p`` block of rows by block
+    (``Rule.row_blocks``): its sums' dtype, and ``chunk_bytes / 8`` but at least one row."""
     dtype = sum_dtype(p)
-    row_bytes = p[0].numel() * torch.empty((), dtype=dtype).element_size()
-    budget = max(row_bytes, acc.chunk_bytes // 8)
+    row_bytes = max(1, p[0].numel()) * torch.empty((), dtype=dtype).element_size()
+    return dtype, row_bytes, max(row_bytes, acc.chunk_bytes // 8)
+
+
+def _shared_rows(acc: Any, p: Tensor, calls: list[tuple[Site, Any, str]], n: int) -> None:
+    dtype, row_bytes, budget = row_budget(acc, p)
     per_sample = row_bytes * p.shape[0]
     samples = max(1, min(n, budget // per_sample))  # as many samples as fit with all rows
     block = p.shape[0] if samples > 1 else max(1, min(p.shape[0], budget // row_bytes))

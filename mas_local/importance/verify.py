@@ -30,7 +30,7 @@ from .check_sums import CheckSums, Sketcher
 from .guards import preserved_state
 from .leaves import tensor_leaves
 from .masks import aligned_mask, masked_squared_norm
-from .statistics import sum_dtype
+from .reduction import row_budget
 from .statistics import widened as _wide
 
 VERIFY_CHOICES = ("first", "every", "off")
@@ -134,9 +134,7 @@ def _by_rows(est: Any, rule: Any, p: Tensor, members: Tensor) -> bool:
 def _add_row_blocks(est: Any, s: Any, rule: Any, name: str, p: Tensor, runs: list[slice], into: CheckSums) -> None:
     """Σ over S of ``p``'s per-sample gradients block of rows by block (``Rule.row_blocks``), each block's scratch
     within ``chunk_bytes / 8`` (a tied 50257 × 768 embedding: never a whole per-sample gradient)."""
-    dtype = sum_dtype(p)
-    row_bytes = max(1, p[0].numel()) * torch.empty((), dtype=dtype).element_size()
-    budget = max(row_bytes, est.acc.chunk_bytes // 8)
+    dtype, row_bytes, budget = row_budget(est.acc, p)
     for run in runs:
         k = run.stop - run.start
         block = max(1, min(p.shape[0], budget // (row_bytes * k)))
