@@ -155,3 +155,24 @@ def test_the_engine_side_by_row_blocks_passes_the_check(chunk_bytes, caplog):
         monkeypatch.undo()
     assert any(r is not None and r.stop - r.start < 40 for r in calls)  # the blocked path ran
     assert "one sample at a time" not in caplog.text
+
+
+def test_a_finished_pass_hands_over_its_accumulators_as_omega():
+    """compute_importance's Ω is made in the accumulators themselves (divided in place): no second Ω-sized copy
+    at the end of a pass (docs/performance.md, "Real sizes")."""
+    from mas_local.config import ImportanceConfig
+    from mas_local.importance.estimator import Estimator
+
+    torch.manual_seed(0)
+    model = Tokens()
+    data = [torch.randint(0, 40, (4, 12)) for _ in range(2)]
+    est = Estimator(model, config=ImportanceConfig(mode="global", estimator="sample", progress=False))
+    for b in data:
+        est.update(b)
+    kept = est.result()  # a copy: the estimator can go on
+    storage = {name: t.data_ptr() for name, t in est.stats.sums.items()}
+    omega = est.result(release=True)
+    assert all(omega[name].data_ptr() == ptr for name, ptr in storage.items())
+    for name in kept:
+        torch.testing.assert_close(omega[name], kept[name], rtol=0, atol=0)
+    assert not est.stats.sums
