@@ -12,6 +12,7 @@ AVA_VENV ?= .venv-avalanche
 AVA_PY := $(AVA_VENV)/bin/python
 AVA_DEPS := torch==2.14.1 torchvision==0.29.1 "numpy<2.4"
 AVA_STAMP := $(AVA_VENV)/.installed
+AVA_NEEDS_GB ?= 8
 
 .PHONY: demo test test-avalanche bench lint build clean gpu-check
 
@@ -20,10 +21,15 @@ $(STAMP): setup.py pyproject.toml Makefile
 	$(PY) -m pip install -q $(DEPS)
 	touch $@
 
+# The venv takes about 6 GB (torch 2.14.1 brings its CUDA libraries): check the disk first, so that a full
+# disk says so before pip starts, and keep no second copy of the wheels in pip's cache.
 $(AVA_STAMP): Makefile
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(AVA_NEEDS_GB) ]; then \
+		echo "make: $(AVA_VENV) needs about $(AVA_NEEDS_GB) GB free here; $$free GB are (df -h .)" >&2; exit 1; fi
 	test -x $(AVA_PY) || python3 -m venv $(AVA_VENV)
-	$(AVA_PY) -m pip install -q $(AVA_DEPS)
-	$(AVA_PY) -m pip install -q avalanche-lib==0.6.0 pytest scikit-learn tqdm
+	$(AVA_PY) -m pip install -q --no-cache-dir $(AVA_DEPS)
+	$(AVA_PY) -m pip install -q --no-cache-dir avalanche-lib==0.6.0 pytest scikit-learn tqdm
 	touch $@
 
 build: $(STAMP)
