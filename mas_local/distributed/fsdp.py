@@ -130,7 +130,11 @@ def without_fsdp_hooks(module: nn.Module, params: dict[str, Tensor]) -> tuple[nn
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
         FSDPModule = ()
-    hooked = module._forward_pre_hooks or isinstance(module, FSDPModule)
+    # mas-local's own pre-hooks (the usage probe riding along, the capture's layout tracking) are not the user's
+    theirs = [
+        h for h in module._forward_pre_hooks.values() if not getattr(h, "__module__", "").startswith("mas_local.")
+    ]
+    hooked = theirs or isinstance(module, FSDPModule)
     if not hooked:
         return module, params
     return _Bare(module), {f"inner.{k}": v for k, v in params.items()}

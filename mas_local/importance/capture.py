@@ -151,7 +151,7 @@ class Capture:
         self.model, self.modules, self.n = model, modules, n
         self.flat_rows = n * positions if positions is not None and positions > 1 else None
         self.clone_modules, self.alias, self.on_site = clone_modules or set(), alias, on_site
-        self.shared_leaves = shared_leaves or {}
+        self.shared_leaves = shared_leaves if shared_leaves is not None else {}  # may be a probe's live table
         self.expand = expand or set()
         self.layout_modules = layout_modules
         self.sites: list[Site] = []

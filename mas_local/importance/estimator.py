@@ -51,7 +51,7 @@ from .guards import (
 from .layouts import is_sequence_first
 from .pipeline import Replan, check_ahead, forward, needs_samples, reduce_captured, run_through_sites
 from .plan import Plan
-from .planning import first_batch, make_plan
+from .planning import RidingProbe, Unplanned, first_batch, make_plan
 from .signature import PlanBook, ReadCounter, batch_signature
 from .statistics import Statistics
 from .streaming import streams_first_batch
@@ -245,8 +245,7 @@ class Estimator:
         self._check_ahead = check_ahead(self, batch, n)
         try:
             if self.plan is None and streams_first_batch(self):
-                self.plan = make_plan(self, batch, n)  # a forward of its own; the batch then streams
-                self._update_through_sites(batch, n)
+                self._stream_first_batch(batch, n)
             elif self.plan is None and not self.sharded and not self._any_training:
                 first_batch(self, batch, n)
             else:
@@ -256,6 +255,19 @@ class Estimator:
         finally:
             self._check_ahead = None
         self.book.keep(key, self.plan)
+
+    def _stream_first_batch(self, batch: Any, n: int) -> None:
+        """Local mode: stream on the guessed plan with the usage probe riding along (no forward of its own);
+        when that cannot finish, plan by a forward of its own and stream (``planning``)."""
+        ride = RidingProbe(self, batch, n)
+        self.plan = ride.guess
+        try:
+            self._update_through_sites(batch, n, ride=ride)
+            return
+        except Unplanned:
+            pass
+        self.plan = make_plan(self, batch, n)
+        self._update_through_sites(batch, n)
 
     def site_path_of(self, pid: int) -> str:
         """The module path(s) where the parameter with this id is computed in the current plan."""

@@ -20,6 +20,7 @@ from ..errors import ImportanceError, LayoutError
 from .backward_stream import can_stream_backward, stream_global
 from .capture import Capture, Site
 from .guards import check_output
+from .planning import RidingProbe, Unplanned, refuse_unreachable
 from .reduction import reduce_sites
 from .signature import ReadCounter, read_counts
 from .statistics import Statistics
@@ -31,7 +32,11 @@ class Replan(Exception):
     """Internal: a batch reads the parameters elsewhere than the batch its plan was made on."""
 
 
-def forward(est, batch: Any, n: int, consume: Callable[[Site], bool] | None = None) -> tuple[Tensor, list[Site]]:
+def forward(
+    est, batch: Any, n: int, consume: Callable[[Site], bool] | None = None, ride: Any = None
+) -> tuple[Tensor, list[Site]]:
+    """The planned forward (``ride``: a :class:`~.planning.RidingProbe` watching it, entered after the capture
+    so that the probe's pre-hooks run first and its forward hooks last)."""
     cap = Capture(
         est.model,
         est.plan.modules,
@@ -48,7 +53,7 @@ def forward(est, batch: Any, n: int, consume: Callable[[Site], bool] | None = No
     )
     counter = ReadCounter(est.names) if est.mode == "local" and not est.sharded else nullcontext()
     est.read_counter = counter if isinstance(counter, ReadCounter) else None
-    with cap, counter:
+    with cap, counter, ride if ride is not None else nullcontext():
         out = est.output_fn(est._call(batch))
     est._local_reads = getattr(counter, "counts", None)
     check_output(out, n)
@@ -90,21 +95,39 @@ def check_ahead(est, batch: Any, n: int) -> StreamCheck | None:
         return None
 
 
-def run_through_sites(est, batch: Any, n: int) -> None:
+def _streamer(est, batch: Any, n: int, calls: Any, ride: RidingProbe | None = None) -> Streamer:
+    """A streamer for this batch, and its self-check when one is due (run as it streams)."""
+    streamer = Streamer(est, calls, ride)
+    verify, key = est.config.verify, est._signature
+    if verify == "every" or (verify == "first" and not est.book.checked_any(key)):
+        streamer.check = StreamCheck(est, batch, n, est._mask)
+    return streamer
+
+
+def run_through_sites(est, batch: Any, n: int, ride: RidingProbe | None = None) -> None:
+    """One batch through its plan; ``ride``: a local first batch streaming on a guessed plan, which the probe
+    riding along confirms (else the batch runs again on the plan the probe saw)."""
     key = est._signature
-    streamer = Streamer(est, est.book.calls(key)) if can_stream(est, key) else None
-    verify = est.config.verify
-    if streamer is not None and (verify == "every" or (verify == "first" and not est.book.checked_any(key))):
-        streamer.check = StreamCheck(est, batch, n, est._mask)  # this batch is checked as it streams
-    # a rerun when shared calls cannot be expanded, one when in-place changes show, one when streaming fails
-    for _ in range(4):
+    streamer = None
+    if ride is not None:
+        try:
+            streamer = _streamer(est, batch, n, ride.guessed_calls, ride)
+        except Exception as failed:  # the guessed plan's self-check could not run: plan by a forward of its own
+            raise Unplanned from failed
+    elif can_stream(est, key):
+        streamer = _streamer(est, batch, n, est.book.calls(key))
+    # a rerun when the guessed plan does not hold, when shared calls cannot be expanded, when in-place changes
+    # show, when streaming fails
+    for _ in range(5):
         grad_ctx = torch.enable_grad() if est.mode == "global" else torch.no_grad()
         with grad_ctx:
             try:
-                out, sites = est._forward(batch, n, consume=streamer)
-            except Exception:
+                out, sites = est._forward(batch, n, consume=streamer, ride=ride)
+            except Exception as failed:
                 if streamer is not None:
                     undo(est, batch, n, streamer)
+                if ride is not None:
+                    raise Unplanned from failed
                 if est._probe_out is None:
                     raise
                 # the model tiles a shared output itself (.repeat, a broadcast against [B·nW, ...]): an
@@ -114,6 +137,17 @@ def run_through_sites(est, batch: Any, n: int) -> None:
                 est.notice_once("expand", "expanding shared calls changes this model's output; not expanding")
                 est.plan, est._probe_out = est._probe.plan(est.params, expand=False), None
                 continue
+            if ride is not None:
+                seen, ride_calls = ride.seen_plan(streamer.all_hebbian), ride.calls
+                ride = streamer.ride = None
+                if seen is not None:  # the guess did not hold: take its calls back, run on the plan seen
+                    undo(est, batch, n, streamer)
+                    refuse_unreachable(est, seen)
+                    est.plan = seen
+                    est.book.note_calls(key, ride_calls)
+                    streamer = _streamer(est, batch, n, ride_calls) if can_stream(est, key) else None
+                    continue
+                est.book.note_calls(key, ride_calls)
             est._probe = est._probe_out = None
             # Decided once per pass: modules whose captured tensors the model changes in place (a ReLU with
             # inplace=True after them) are captured as copies from then on; only that batch runs twice.

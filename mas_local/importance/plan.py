@@ -102,6 +102,15 @@ class Plan:
     def modules(self) -> list[nn.Module]:
         return [s.module for s in self.sites.values()]
 
+    def assignments(self) -> frozenset:
+        """Which module computes which parameter under which rule and name, whatever the order they were found."""
+        return frozenset(
+            (mid, id(rule), local, id(p))
+            for mid, sp in self.sites.items()
+            for rule, ps in sp.groups
+            for local, p in ps.items()
+        )
+
     def assign(self, module: nn.Module, rule: Rule, local_name: str, param: nn.Parameter) -> None:
         self.sites.setdefault(id(module), SitePlan(module)).add(rule, local_name, param)
 
@@ -202,6 +211,9 @@ class UsageProbe(TorchFunctionMode):
         self._handles: list = []
         # called with each tensor an in-place op is about to change (local mode: the capture copies it first)
         self.before_write: Callable[[Tensor], None] | None = None
+        # True while a streamed call is reduced inside the forward: the engine's own ops and module re-runs
+        # are not the model's reads or calls
+        self.paused = False
 
     def watch(self, batch_tensors: list[Tensor]) -> None:
         for t in batch_tensors:
@@ -228,6 +240,8 @@ class UsageProbe(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
         if self.before_write is not None:
             for t in written_tensors(func, args, kwargs):
                 self.before_write(t)
@@ -270,6 +284,8 @@ class UsageProbe(TorchFunctionMode):
         return out
 
     def _push(self, module, args, kwargs):
+        if self.paused:
+            return
         args, kwargs = positional_first(module, args, kwargs)
         dims = input_dims(module, args, kwargs, self.n, self._seq_first > 0, self.flat_rows)
         for i, t in enumerate(flat_leaves((args, kwargs))):
@@ -289,6 +305,8 @@ class UsageProbe(TorchFunctionMode):
             self._seq_first += 1
 
     def _pop(self, module, args, kwargs, output):
+        if self.paused:
+            return
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
         if is_sequence_first(module):
@@ -339,6 +357,21 @@ class UsageProbe(TorchFunctionMode):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def registered_plan(self, params: dict[str, nn.Parameter]) -> Plan:
+        """The plan if every parameter is read only inside the modules that register it (rule 1), before any
+        read is seen: what a local first batch streams on while this probe rides along, confirmed by
+        :meth:`plan` after the forward. It shares the probe's live tables (shared leaves, unfollowed calls)."""
+        registrants: dict[int, list[nn.Module]] = defaultdict(list)
+        for m in self.model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    registrants[id(p)].append(m)
+        plan = Plan(shared_leaves=self.shared_leaves, unfollowed=self.unfollowed)
+        for p in params.values():
+            regs = registrants[id(p)]
+            _assign_to_registrants(plan, regs if len(regs) == 1 else _minimal_registrants(self.model, p), p)
+        return plan
 
     def plan(self, params: dict[str, nn.Parameter], expand: bool = True) -> Plan:
         """The plan; ``expand=False`` computes shared calls' parameters at enclosing calls instead."""

@@ -1,8 +1,14 @@
 """Making a plan for a batch signature: the usage probe (``docs/math.md``, "Where each parameter is computed").
 
-``first_batch``: in eval mode the probe rides along with the capture of the likely sites, so planning
-costs no forward of its own; ``make_plan``: a forward of its own (train mode, FSDP2 — the probe then follows
-FSDP2's unsharded parameters — and local mode's streamed first batch).
+The probe rides along with the batch's own forward where it can, so that planning costs no forward of its own:
+
+- ``RidingProbe``: local mode's streamed first batch streams on the plan that holds for most models (every
+  parameter computed by the modules that register it, each module called once) while the probe watches; the
+  plan the probe saw confirms it after the forward, or the streamed calls are taken back and the batch runs
+  again on that plan (``pipeline.run_through_sites``);
+- ``first_batch``: global mode in eval mode, the probe with the capture of the likely sites;
+- ``make_plan``: a forward of its own (train mode, FSDP2 — the probe then follows FSDP2's unsharded
+  parameters — and a riding probe that could not finish).
 """
 
 from __future__ import annotations
@@ -53,6 +59,53 @@ def make_plan(est, batch: Any, n: int) -> Plan:
         est._probe, est._probe_out = probe, out.detach()
     refuse_unreachable(est, plan)
     return plan
+
+
+class Unplanned(Exception):
+    """Internal: a first batch streamed on the guessed plan failed; it is planned by a forward of its own."""
+
+
+class RidingProbe:
+    """The usage probe and a call counter riding along a local first batch that streams on a guessed plan
+    (:meth:`UsageProbe.registered_plan`, each planned module called once): see the module docstring."""
+
+    def __init__(self, est, batch: Any, n: int) -> None:
+        self.est, self.batch = est, batch
+        self.probe = UsageProbe(est.model, est.params, n, est._positions, est.mode)
+        self.guess = self.probe.registered_plan(est.params)
+        self.guessed_calls = Counter({mid: 1 for mid in self.guess.sites})
+        self.calls: Counter = Counter()
+        self._counting = None
+
+    def _count(self, module, args) -> None:
+        if not self.probe.paused:
+            self.calls[id(module)] += 1
+
+    def __enter__(self) -> RidingProbe:
+        self.probe.watch(batch_tensors(self.batch))
+        self._counting = register_module_forward_pre_hook(self._count)
+        self.probe.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.probe.__exit__(*exc)
+        finally:
+            self._counting.remove()
+
+    def pause(self, paused: bool) -> None:
+        """Streaming reduces a call inside the forward: its ops and module re-runs are not the model's."""
+        self.probe.paused = paused
+
+    def seen_plan(self, streams_every_call: Any) -> Plan | None:
+        """After the forward: ``None`` when the guess holds (the probe's plan assigns every parameter as the
+        guess did, and each module called more than once streams all its calls, ``streams_every_call(id)``);
+        else the probe's plan, to run the batch again on."""
+        plan = self.probe.plan(self.est.params)
+        same = plan.assignments() == self.guess.assignments() and not plan.unreachable
+        if same and all(k <= 1 or streams_every_call(mid) for mid, k in self.calls.items() if mid in plan.sites):
+            return None
+        return plan
 
 
 def refuse_unreachable(est, plan: Plan) -> None:

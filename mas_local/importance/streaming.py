@@ -41,8 +41,9 @@ from .statistics import Statistics
 class Streamer:
     """``Capture``'s ``consume`` callback for one streamed forward (see the module docstring)."""
 
-    def __init__(self, est: Any, calls: Counter) -> None:
+    def __init__(self, est: Any, calls: Counter, ride: Any = None) -> None:
         self.est, self.calls = est, calls
+        self.ride = ride  # the usage probe riding along a first batch (planning.RidingProbe), paused at a call
         # parameters several planned modules compute (a tied embedding and head): summed over calls before |·|
         owners: Counter = Counter()
         for sp in est.plan.sites.values():
@@ -57,7 +58,7 @@ class Streamer:
         self.failed: str | None = None  # why the batch must take another path
         self.check: Any = None  # the self-check of this batch (verify.StreamCheck), when one is due
 
-    def _all_hebbian(self, mid: int) -> bool:
+    def all_hebbian(self, mid: int) -> bool:
         """Whether every parameter of the module is judged by co-activation events (each call its own)."""
         est = self.est
         return est.estimator == "hebbian" and all(rule.hebbian for rule, _ in est.plan.sites[mid].groups)
@@ -80,17 +81,19 @@ class Streamer:
         self.ordinal += 1
         self.seen[mid] += 1
         self.layouts.append(site.layout)
-        if self.seen[mid] > 1 and mid in self.streamed_modules and not self._all_hebbian(mid):
+        if self.seen[mid] > 1 and mid in self.streamed_modules and not self.all_hebbian(mid):
             # its per-sample gradients should have been summed with this call's before |·|
             self.failed = f"module '{site.path}' was called more often than on the planning batch"
-        if self.failed is not None or not (self._all_hebbian(mid) or self._read_once(mid)):
+        if self.failed is not None or not (self.all_hebbian(mid) or self._read_once(mid)):
             return False
         if est.batch_samples > 1 and not site.batched and mid in est.plan.unfollowed:
             self.failed = f"module '{site.path}' gets rows whose samples cannot be told apart"
             return False
-        counter = est.read_counter
+        counter, ride = est.read_counter, self.ride
         if counter is not None:
             counter.paused = True
+        if ride is not None:
+            ride.pause(True)
         try:
             local_deltas([site], est._mask, est.activation_of)
             for rule, _ in est.plan.sites[mid].groups:
@@ -102,6 +105,8 @@ class Streamer:
         finally:
             if counter is not None:
                 counter.paused = False
+            if ride is not None:
+                ride.pause(False)
         self.streamed.append(self.ordinal)
         self.streamed_modules.add(mid)
         return True
