@@ -11,7 +11,8 @@ Rows: the no-grad forward and the forward+backward of Σ‖f‖² (the yardstick
 ``sample``, the per-sample autograd loop and ``torch.func.vmap(grad)``; then the depth scaling of local
 ``hebbian`` on a narrow GPT-2 of 12, 24 and 48 layers. The bounds are issue #20's (docs/performance.md).
 
-    python bench/real_size.py [--models gpt2,llama,depth] [--repeats 2] [--threads 2] [--out FILE]
+    python bench/real_size.py [--models gpt2,llama,depth] [--runs forward,hebbian,...] [--repeats 2] [--threads 2]
+                              [--out FILE]
     python bench/consolidation_cost.py --real        # the same table after the small models'
 """
 
@@ -135,6 +136,7 @@ def measure(model_key: str, run: str, repeats: int, threads: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="gpt2,llama,depth")
+    ap.add_argument("--runs", default=",".join(RUNS), help="which rows (default: all); a ratio needs its yardstick")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -145,11 +147,12 @@ def main(argv=None) -> int:
         print(json.dumps(child(key, run, int(repeats), int(threads))))
         return 0
     command = f"python bench/real_size.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    emit(report(args.models, args.repeats, args.threads, command), args.out)
+    runs = [r for r in RUNS if r in args.runs.split(",")]
+    emit(report(args.models, args.repeats, args.threads, command, runs), args.out)
     return 0
 
 
-def report(models: str, repeats: int, threads: int, command: str) -> str:
+def report(models: str, repeats: int, threads: int, command: str, runs: list[str] = RUNS) -> str:
     """The real-size tables (markdown), every run measured in a fresh process."""
     torch.set_num_threads(threads)
     wanted = models.split(",")
@@ -165,10 +168,10 @@ def report(models: str, repeats: int, threads: int, command: str) -> str:
     for key in [k for k in MODELS if k in wanted]:
         title, _ = MODELS[key]
         res = {}
-        for run in RUNS:
+        for run in runs:
             res[run] = measure(key, run, repeats, threads)
             print(key, run, res[run], file=sys.stderr, flush=True)
-        fb = res["forward_backward"]
+        fb = res.get("forward_backward", {})
         omega = next((r["omega"] for r in res.values() if "omega" in r), float("nan"))
         lines += [f"## {title}, Ω {omega:.0f} MiB", ""]
         lines += [
@@ -190,7 +193,7 @@ def report(models: str, repeats: int, threads: int, command: str) -> str:
             "loop": "per-sample autograd loop",
             "vmap": "torch.func.vmap(grad)",
         }
-        for run in RUNS:
+        for run in runs:
             r = res[run]
             if "error" in r:
                 lines.append(f"| {names[run]} | failed: {r['error']} | | | | | |")
@@ -198,7 +201,7 @@ def report(models: str, repeats: int, threads: int, command: str) -> str:
             ratio, later, bound, ok = "", "", "", ""
             if run in bounds:
                 base, max_ratio, max_mib = bounds[run]
-                den = res[base].get("seconds")
+                den = res.get(base, {}).get("seconds")
                 unit = "forward" if base == "forward" else "fwd+bwd"
                 if den:
                     ratio = f"{r['seconds'] / den:.2f}× {unit}"
