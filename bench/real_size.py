@@ -7,9 +7,10 @@ every aten op, ``bench/consolidation_cost.py``'s probe; tracemalloc does not see
 consolidation is a whole ``compute_importance`` pass with the defaults (its first batch plans and runs the
 self-check), so Ω's accumulators are allocated inside it and counted in its peak.
 
-Rows: the no-grad forward and the forward+backward of Σ‖f‖² (the yardsticks), local ``hebbian``, global
-``sample``, the per-sample autograd loop and ``torch.func.vmap(grad)``; then the depth scaling of local
-``hebbian`` on a narrow GPT-2 of 12, 24 and 48 layers. The bounds are issue #20's (docs/performance.md).
+Rows: the no-grad forward and the forward+backward of Σ‖f‖² (the yardsticks), local ``hebbian`` (with the
+default self-check of the first batch, and without it), global ``sample``, the per-sample autograd loop and
+``torch.func.vmap(grad)``; then the depth scaling of local ``hebbian`` on a narrow GPT-2 of 12, 24 and 48
+layers. The bounds are issue #20's (docs/performance.md).
 
     python bench/real_size.py [--models gpt2,llama,depth] [--runs forward,hebbian,...] [--repeats 2] [--threads 2]
                               [--out FILE]
@@ -41,7 +42,7 @@ MODELS = {
     "llama": ("Llama 336M (24 × 1024, MLP 2816, 32000 vocabulary, untied head)", "llama_336m"),
 }
 DEPTHS = (12, 24, 48)
-RUNS = ("forward", "forward_backward", "hebbian", "sample", "loop", "vmap")
+RUNS = ("forward", "forward_backward", "hebbian", "hebbian_unchecked", "sample", "loop", "vmap")
 
 
 def _logits(model, batch):
@@ -59,6 +60,12 @@ def run_hebbian(model, data):
     import mas_local as ml
 
     ml.compute_importance(model, data, mode="local", estimator="hebbian", progress=False)
+
+
+def run_hebbian_unchecked(model, data):
+    import mas_local as ml
+
+    ml.compute_importance(model, data, mode="local", estimator="hebbian", progress=False, verify="off")
 
 
 def run_sample(model, data):
@@ -111,7 +118,8 @@ def child(model_key: str, run: str, repeats: int, threads: int) -> dict:
         start = time.perf_counter()
         fn(model, data)
         seconds = min(seconds, time.perf_counter() - start)
-        if run in ("hebbian", "sample"):  # a pass of its first batch alone: the later batches' cost is the rest
+        if run in ("hebbian", "hebbian_unchecked", "sample"):
+            # a pass of its first batch alone: the later batches' cost is the rest
             start = time.perf_counter()
             fn(model, data[:1])
             first = min(first, time.perf_counter() - start)
@@ -181,6 +189,7 @@ def report(models: str, repeats: int, threads: int, command: str, runs: list[str
         ]
         bounds = {
             "hebbian": ("forward", 2.2, 1.2 * omega + 300),
+            "hebbian_unchecked": ("forward", 2.2, 1.2 * omega + 300),
             "sample": ("forward_backward", 1.5, 1.1 * (fb.get("peak", float("nan")) + omega)),
             "loop": ("forward_backward", None, None),
             "vmap": ("forward_backward", None, None),
@@ -189,6 +198,7 @@ def report(models: str, repeats: int, threads: int, command: str, runs: list[str
             "forward": "forward, no grad",
             "forward_backward": "forward+backward of Σ‖f‖²",
             "hebbian": "local hebbian (mas-local)",
+            "hebbian_unchecked": 'local hebbian, verify="off" (no self-check)',
             "sample": "global sample (mas-local)",
             "loop": "per-sample autograd loop",
             "vmap": "torch.func.vmap(grad)",
