@@ -376,3 +376,37 @@ def test_a_model_that_raises_on_the_first_batch_surfaces_its_error_and_is_left_a
     assert x.shape == (5, 8)
     good = [torch.randn(4, 8, dtype=torch.float64) for _ in range(2)]
     _same(_omega(model, good, "hebbian", True), _omega(model, good, "hebbian", False))
+
+
+class SeqFirstHooked(nn.Module):
+    """A sequence-first ``nn.MultiheadAttention`` (the capture tracks its layout with a pre-hook of its own) with
+    a forward hook of the user's that reads a parameter of the module: the generic rule must re-run it with
+    that hook."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2)  # batch_first=False
+        self.attn.gain = nn.Parameter(1 + 0.3 * torch.randn(d))
+        self.attn.register_forward_hook(lambda m, a, y: (y[0] * m.gain, y[1]))
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = x.transpose(0, 1)  # [T, B, d]
+        h, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(torch.tanh(h.transpose(0, 1)))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_sequence_first_module_with_a_users_forward_hook_is_rerun_with_it(stream):
+    torch.manual_seed(0)
+    model = SeqFirstHooked().double()
+    data = _seq(n_batches=2, seed=3)
+    got = _omega(model, data, "sample", stream)
+    # the oracle: samples cut along dim 1 of the attention's inputs; out_proj is read by the attention module
+    judge = {"attn.out_proj.weight": model.attn, "attn.out_proj.bias": model.attn}
+
+    def batch_dim(mod, t, b):
+        return None if not torch.is_tensor(t) else 1 if mod is model.attn else 0
+
+    assert_close_model_wide(got, oracles.local(model, data, "sample", judge=judge, batch_dim=batch_dim))
+    assert got["attn.gain"].abs().sum() > 0

@@ -1,11 +1,11 @@
 """Local mode, streamed: each planned call is reduced as soon as it returns, and what was captured for it is
 dropped, so that a local pass needs about the memory of inference whatever the model's depth.
 
-Every batch streams, the first of a signature included: that one is planned by a forward of its own (the
-usage probe, keeping no call, which also counts how often each module is called), and its self-check, when
-due, runs as it streams (``verify.StreamCheck``: the samples of the subset alone first, one call at a time,
-then the engine's sums added call by call). A call streams when nothing else in the batch has to be seen
-first:
+Every batch streams, the first of a signature included: that one streams on a guessed plan while the usage
+probe and a call counter ride along (``planning.RidingProbe``; a guess that does not hold is taken back and
+the batch runs on the plan seen), and its self-check, when due, runs as it streams (``verify.StreamCheck``:
+the samples of the subset alone first, one call at a time, then the engine's sums added call by call). A call
+streams when nothing else in the batch has to be seen first:
 
 - its ``sample``-statistic parameters (every parameter under ``estimator="sample"``; those of modules without
   a Hebbian rule under ``"hebbian"``) are read by that call alone: no other planned module computes them (a
@@ -157,7 +157,7 @@ def undo(est: Any, batch: Any, n: int, streamer: Streamer) -> None:
 
 
 def streams_first_batch(est: Any) -> bool:
-    """Whether the first batch of a signature is planned by a forward of its own and then streams."""
+    """Whether the first batch of a signature streams (on a guessed plan, the usage probe riding along)."""
     return (
         est.config.stream
         and est.mode == "local"
