@@ -14,7 +14,6 @@ from collections import Counter
 from typing import Any
 
 from torch import Tensor
-from torch.nn import Parameter
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -63,8 +62,9 @@ def read_counts(out: Tensor) -> dict[int, int]:
 class ReadCounter(TorchFunctionMode):
     """Local mode (no autograd graph to read): how many torch calls take each trainable parameter as an argument.
 
-    Cheap enough for every batch (one type check per argument); a batch whose counts differ from its plan's
-    batch reads the parameters elsewhere (a branch on values) and is planned again.
+    Cheap enough for every batch: a parameter is recognised by its id (a live object's id is its own), with no
+    ``isinstance`` (``Parameter``'s metaclass makes that a Python call). A batch whose counts differ from its
+    plan's batch reads the parameters elsewhere (a branch on values) and is planned again.
     """
 
     def __init__(self, names: dict[int, str]) -> None:
@@ -73,24 +73,23 @@ class ReadCounter(TorchFunctionMode):
         self.counts: dict[int, int] = {}
         self.paused = False  # streaming reduces calls inside the forward: the statistics' own reads do not count
 
-    def _see(self, a: Any) -> None:
-        if self.paused:
-            return
-        if isinstance(a, Parameter):
+    def _see(self, values: Any) -> None:
+        names, counts = self.names, self.counts
+        for a in values:
             key = id(a)
-            if key in self.names:
-                self.counts[key] = self.counts.get(key, 0) + 1
-        elif type(a) in (list, tuple):
-            for b in a:
-                if isinstance(b, Parameter):
-                    self._see(b)
+            if key in names:
+                counts[key] = counts.get(key, 0) + 1
+            elif type(a) in (list, tuple):  # one level: torch.cat([w, v]), F.linear's packed weights
+                for b in a:
+                    if id(b) in names:
+                        counts[id(b)] = counts.get(id(b), 0) + 1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for a in args:
-            self._see(a)
-        for a in kwargs.values():
-            self._see(a)
+        if not self.paused:
+            self._see(args)
+            if kwargs:
+                self._see(kwargs.values())
         return func(*args, **kwargs)
 
 
