@@ -163,19 +163,33 @@ def row_budget(acc: Any, p: Tensor) -> tuple[torch.dtype, int, int]:
     return dtype, row_bytes, max(row_bytes, acc.chunk_bytes // 8)
 
 
+class BlockScratch:
+    """One buffer for the blocks of rows of a pass over a parameter, zeroed for each block. A fresh allocation of
+    a block (tens of MiB) goes to the kernel every time on the CPU (glibc's mmap threshold is at most 32 MiB),
+    and its page faults cost several times the zeroing of a buffer already touched."""
+
+    def __init__(self, p: Tensor, dtype: torch.dtype, most: int) -> None:
+        self.flat = torch.empty(most, dtype=dtype, device=p.device)
+
+    def zeros(self, *shape: int) -> Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        return self.flat[:numel].view(shape).zero_()
+
+
 def _shared_rows(acc: Any, p: Tensor, calls: list[tuple[Site, Any, str]], n: int) -> None:
     dtype, row_bytes, budget = row_budget(acc, p)
     per_sample = row_bytes * p.shape[0]
     samples = max(1, min(n, budget // per_sample))  # as many samples as fit with all rows
     block = p.shape[0] if samples > 1 else max(1, min(p.shape[0], budget // row_bytes))
     total_sum = acc.sum_of(p)
+    scratch = BlockScratch(p, dtype, samples * block * max(1, p[0].numel()))
     for start in range(0, n, samples):
         rows = slice(start, min(n, start + samples))
         for lo in range(0, p.shape[0], block):
             blk = slice(lo, min(p.shape[0], lo + block))
-            total = torch.zeros(
-                rows.stop - rows.start, blk.stop - blk.start, *p.shape[1:], dtype=dtype, device=p.device
-            )
+            total = scratch.zeros(rows.stop - rows.start, blk.stop - blk.start, *p.shape[1:])
             for s, rule, name in calls:
                 if s.batched:
                     rule.add_per_sample_grads(acc, s, {name: p}, rows, {name: total}, block=blk)

@@ -30,7 +30,7 @@ from .check_sums import CheckSums, Sketcher
 from .guards import preserved_state
 from .leaves import tensor_leaves
 from .masks import aligned_mask, masked_squared_norm
-from .reduction import row_budget
+from .reduction import BlockScratch, row_budget
 from .statistics import widened as _wide
 
 VERIFY_CHOICES = ("first", "every", "off")
@@ -133,16 +133,18 @@ def _by_rows(est: Any, rule: Any, p: Tensor, members: Tensor) -> bool:
 
 def _add_row_blocks(est: Any, s: Any, rule: Any, name: str, p: Tensor, runs: list[slice], into: CheckSums) -> None:
     """Σ over S of ``p``'s per-sample gradients block of rows by block (``Rule.row_blocks``), each block's scratch
-    within ``chunk_bytes / 8`` (a tied 50257 × 768 embedding: never a whole per-sample gradient)."""
+    within ``chunk_bytes / 8`` (a tied 50257 × 768 embedding: never a whole per-sample gradient). The samples of
+    S are added one by one into one block (the rule adds into its buffer), so no sum over samples is taken."""
     dtype, row_bytes, budget = row_budget(est.acc, p)
-    for run in runs:
-        k = run.stop - run.start
-        block = max(1, min(p.shape[0], budget // (row_bytes * k)))
-        for lo in range(0, p.shape[0], block):
-            blk = slice(lo, min(p.shape[0], lo + block))
-            buf = torch.zeros(k, blk.stop - blk.start, *p.shape[1:], dtype=dtype, device=p.device)
-            rule.add_per_sample_grads(est.acc, s, {name: p}, run, {name: buf}, block=blk)
-            into.add(p, buf.sum(0), rows=blk)
+    block = max(1, min(p.shape[0], budget // row_bytes))
+    scratch = BlockScratch(p, dtype, block * max(1, p[0].numel()))
+    for lo in range(0, p.shape[0], block):
+        blk = slice(lo, min(p.shape[0], lo + block))
+        buf = scratch.zeros(1, blk.stop - blk.start, *p.shape[1:])
+        for run in runs:
+            for k in range(run.start, run.stop):
+                rule.add_per_sample_grads(est.acc, s, {name: p}, slice(k, k + 1), {name: buf}, block=blk)
+        into.add(p, buf[0], rows=blk)
 
 
 def _pieces(est: Any, batch: Any, members: Tensor, n: int, mask: Tensor | None, alone: bool) -> list[tuple[Any, int]]:
