@@ -58,13 +58,16 @@ def tolerance(dtypes: set[torch.dtype]) -> tuple[float, float]:
 def choose_subset(n: int, mask: Tensor | None, alone: bool, generator: torch.Generator) -> Tensor:
     """Indices of a random subset S: about half the samples (both S and its complement non-empty when n > 1),
     at most ``MAX_ALONE`` when the samples are run one by one; with padding, S holds the most padded sample
-    (padding that leaks into a statistic shows there)."""
+    (padding that leaks into a statistic shows there). S is never sample 0 alone, whose rows come first in every
+    layout. In a pair: sample 1 (S = both would sum to the batch's gradient whatever the layout), or, in local
+    mode, both when sample 0 is padded (where a time-major layout's real rows differ from a sample-major one's)."""
     if n == 1:
         return torch.zeros(1, dtype=torch.long)
     padded = mask is not None and not bool(mask.all())
-    size = max(1, n // 2) if n < 3 else max(2, n // 2)
-    if padded and alone:  # local: both samples of a pair, padding that leaks shows even where rows coincide
-        size = max(size, 2)
+    # S is not the whole batch (but see pairs below): summed over every sample, the per-sample gradients are the
+    # batch's gradient whichever rows are taken for which sample, and a time-major layout read as sample-major
+    # would pass
+    size = 1 if n == 2 else max(2, n // 2)
     if padded or alone:
         size = min(size, MAX_ALONE)
     # sample 0's rows sit first in every layout (sample- or time-major, gathered in order): a subset of
@@ -79,7 +82,15 @@ def choose_subset(n: int, mask: Tensor | None, alone: bool, generator: torch.Gen
             first.insert(0, 1 + int((others == others.min()).nonzero().max()))
         picked = list(dict.fromkeys(first + order.tolist()))
         order = torch.tensor(picked, dtype=torch.long)
-    return order[:size].sort().values
+    if n == 2 and padded and alone and not bool(mask[0].all()):
+        # local mode, sample 0 padded: S holds it (a leak of its padding into a call shared by the batch shows
+        # there), and sample 0 alone cannot tell layouts apart, so S is both: the samples' real rows, run alone,
+        # differ from a time-major layout's where sample 0's padding is
+        return torch.arange(2)
+    chosen = order[:size]
+    if chosen.tolist() == [0]:
+        chosen = order[order != 0][:1]
+    return chosen.sort().values
 
 
 def _runs(indices: list[int]) -> list[slice]:
