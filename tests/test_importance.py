@@ -504,3 +504,28 @@ def test_omega_dtype_follows_parameter_width(mode, estimator):
     assert omega64["2.weight"].abs().max() < 1e-45  # would be 0 in float32
     omega32 = ml.compute_importance(model.float(), [x.float() for x in data], mode, estimator, progress=False)
     assert all(v.dtype == torch.float32 for v in omega32.values())
+
+
+class _ShortConv(nn.Module):
+    """A strided Conv1d over one position of a transposed input: [B, 1, C] -> [B, C, 1] with strides (C, 1, C),
+    whose 2-D view is contiguous with strides that also read as channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(5, 5, 3, stride=2, padding=1)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x.transpose(1, 2))).flatten(1))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_a_float64_conv1d_on_one_position_gets_its_per_sample_gradients(mode, batch):
+    """torch's CPU slow_conv2d refused the per-sample weight gradient here ("grad_weight must be contiguous")."""
+    torch.manual_seed(0)
+    model = _ShortConv().double()
+    data = [torch.randn(batch, 1, 5, dtype=torch.float64) for _ in range(2)]
+    got = ml.compute_importance(model, data, mode, "sample", progress=False)
+    want = oracles.global_sample(model, data) if mode == "global" else oracles.local(model, data, "sample")
+    assert_close(got, want)

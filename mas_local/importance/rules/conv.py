@@ -75,6 +75,13 @@ def _unfolded_groups(m: nn.Module, xp: Tensor, pad: tuple[int, int], d: Tensor):
         )
 
 
+def _plain_strides(t: Tensor) -> Tensor:
+    """``t`` with row-major strides. A tensor with size-1 dimensions can be contiguous with strides that also
+    read as channels-last ([1, C, 1, 1] with strides (C, 1, C, C)); the CPU's slow_conv2d (float64, a
+    Conv1d's 2-D view) then allocates grad_weight channels-last and refuses it ("must be contiguous")."""
+    return t.contiguous().view(-1).view(t.shape)
+
+
 def _per_sample_weight_grads(m: nn.Module, xp: Tensor, pad: tuple[int, int], d: Tensor) -> Tensor:
     """Per-sample weight gradients ``[b, O, C/groups, kh, kw]`` in one weight-gradient convolution.
 
@@ -85,8 +92,8 @@ def _per_sample_weight_grads(m: nn.Module, xp: Tensor, pad: tuple[int, int], d: 
     """
     _, kernel, stride, dilation = _geometry(m)
     b = xp.shape[0]
-    x1 = xp.reshape(1, b * xp.shape[1], *xp.shape[2:])
-    d1 = d.reshape(1, b * d.shape[1], *d.shape[2:]).to(x1.dtype)
+    x1 = _plain_strides(xp.reshape(1, b * xp.shape[1], *xp.shape[2:]))
+    d1 = _plain_strides(d.reshape(1, b * d.shape[1], *d.shape[2:]).to(x1.dtype))
     shape = (b * m.out_channels, m.in_channels // m.groups, *kernel)
     g = torch.nn.grad.conv2d_weight(x1, shape, d1, stride, pad, dilation, b * m.groups)
     return g.view(b, m.out_channels, m.in_channels // m.groups, *kernel)
