@@ -79,3 +79,44 @@ def test_a_time_major_flatten_on_a_padded_pair_is_caught(padded, estimator):
     else:
         want = ml.compute_importance(model, singles, "local", "hebbian", progress=False, verify="off")
     assert_close_model_wide(got, want)
+
+
+class GatheredExperts(nn.Module):
+    """Top-1 routing by the data: each token goes to the expert ``route`` names, on gathered rows ``flat[idx]``,
+    and is put back with ``index_add_``. Expert 1 gets exactly B tokens here, from two samples."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(3))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x, route):
+        b, t, d = x.shape
+        flat, rt = x.reshape(-1, d), route.reshape(-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            idx = (rt == e).nonzero(as_tuple=True)[0]
+            if idx.numel():
+                out = out.index_add(0, idx, torch.tanh(expert(flat[idx])))
+        return self.head(out.reshape(b, t, d))
+
+
+@pytest.mark.parametrize("mode,estimator", [("global", "sample"), ("local", "sample"), ("local", "hebbian")])
+def test_gathered_tokens_that_number_b_are_not_read_as_samples(mode, estimator):
+    """Fuzz seed 30486: three tokens of samples 0 and 1 gathered for one expert in a batch of three looked like
+    [B, d], one row per sample, and the self-check's subset {1, 2} could not tell. Rows picked by values of the
+    data are followed as such (``plan.UsageProbe.regathered``), so the batch is computed one sample at a time."""
+    torch.manual_seed(0)
+    model = GatheredExperts().double()
+    x = torch.randn(3, 4, 4, dtype=torch.float64)
+    route = torch.tensor([[0, 2, 1, 0], [2, 1, 2, 1], [0, 0, 2, 2]])  # expert 1: (0, 2), (1, 1), (1, 3)
+    batch = {"x": x, "route": route}
+    got = ml.compute_importance(model, [batch], mode, estimator, progress=False)
+    singles = [{"x": x[k : k + 1], "route": route[k : k + 1]} for k in range(3)]
+    if estimator == "hebbian":
+        want = ml.compute_importance(model, singles, mode, estimator, progress=False, verify="off")
+    elif mode == "global":
+        want = oracles.global_sample(model, singles)
+    else:
+        want = oracles.local(model, singles, "sample")
+    assert_close_model_wide(got, want)

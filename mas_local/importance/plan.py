@@ -97,6 +97,9 @@ class Plan:
     # id(module): calls that get tensors computed from the batch whose batch dimension the sizes do not show
     # (gathered MoE tokens, windows or heads folded into the batch): their rows cannot be given to samples
     unfollowed: set[int] = field(default_factory=set)
+    # id(module): calls whose gathered rows (picked by values of the data) happen to number B on the planning
+    # batch: their sizes read as one row per sample, which they are not
+    misread: set[int] = field(default_factory=set)
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -167,6 +170,36 @@ def _write_kind(func) -> tuple[bool, int | None]:
     return kind
 
 
+_SCATTERS = frozenset(
+    "index_add index_add_ index_copy index_copy_ index_put index_put_ scatter scatter_ scatter_add scatter_add_ "
+    "scatter_reduce scatter_reduce_ masked_scatter masked_scatter_ __setitem__".split()
+)
+
+
+def _scatters(func) -> bool:
+    """Whether ``func`` writes rows into a target by index: the result has the target's rows (the gathered
+    tokens put back where they came from)."""
+    return getattr(func, "__name__", "") in _SCATTERS
+
+
+def _gathers_rows(func, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` picks the first dimension's rows of its input by values (an index tensor or a mask):
+    ``x[idx]``, ``x[None, idx]``, ``x[mask]``, ``index_select``/``gather`` along dim 0."""
+    name = getattr(func, "__name__", "")
+    if name == "__getitem__" and len(args) > 1:
+        items = args[1] if isinstance(args[1], tuple) else (args[1],)
+        for item in items:
+            if item is None:  # a new dimension: the next item still indexes the input's first one
+                continue
+            return (isinstance(item, Tensor) and item.dim() > 0) or isinstance(item, list)
+        return False
+    if name in ("index_select", "gather", "take_along_dim"):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        x = args[0] if args else None
+        return isinstance(x, Tensor) and isinstance(dim, int) and x.dim() > 0 and dim % x.dim() == 0
+    return name in ("masked_select", "take")
+
+
 def written_tensors(func, args: tuple, kwargs: dict) -> list[Tensor]:
     """The tensors a torch function call is about to change in place, as far as its name and arguments say.
 
@@ -203,10 +236,15 @@ class UsageProbe(TorchFunctionMode):
         self.ineligible: set[int] = set()  # modules with a call that does not carry the batch
         # tensors computed from the batch's tensors: id -> weak reference (see _mark_from_batch)
         self.from_batch: dict[int, weakref.ref] = {}
+        # tensors computed from the batch whose first dimension was picked by values of the data (tokens gathered
+        # for an MoE expert: ``flat[idx]``), until a scatter puts them back: their rows are not the samples, even
+        # where they number B
+        self.regathered: dict[int, weakref.ref] = {}
         # tensors computed from parameters alone: id -> (weak reference, parameter names)
         self.aliases: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
         self.shared_leaves: dict[int, set[int]] = {}
         self.unfollowed: set[int] = set()
+        self.misread: set[int] = set()
         self._seq_first = 0
         self._handles: list = []
         # called with each tensor an in-place op is about to change (local mode: the capture copies it first)
@@ -219,15 +257,16 @@ class UsageProbe(TorchFunctionMode):
         for t in batch_tensors:
             self._mark_from_batch(t)
 
-    def _mark_from_batch(self, t: Tensor) -> None:
+    def _mark_from_batch(self, t: Tensor, table: dict | None = None) -> None:
         # by id, forgotten when the tensor dies (so a reused id is not mistaken for it, and nothing is kept alive)
         key = id(t)
+        table = self.from_batch if table is None else table
 
-        def forget(ref, key=key, table=self.from_batch):
+        def forget(ref, key=key, table=table):
             if table.get(key) is ref:
                 del table[key]
 
-        self.from_batch[key] = weakref.ref(t, forget)
+        table[key] = weakref.ref(t, forget)
 
     def _mark_alias(self, t: Tensor, names: tuple[str, ...]) -> None:
         key = id(t)
@@ -268,8 +307,13 @@ class UsageProbe(TorchFunctionMode):
             return out
         outs = [t for t in flat_leaves(out) if isinstance(t, Tensor)]
         if derived:
+            gathered = _gathers_rows(func, args, kwargs) or (
+                not _scatters(func) and any(id(t) in self.regathered for t in flat_leaves((args, kwargs)))
+            )
             for t in outs:
                 self._mark_from_batch(t)
+                if gathered:
+                    self._mark_from_batch(t, self.regathered)
         if hits is None or kind == "detaching":
             return out
         if not derived:  # computed from parameters alone (w.T, w.float(), a parametrization): its use reads them
@@ -291,6 +335,9 @@ class UsageProbe(TorchFunctionMode):
         for i, t in enumerate(flat_leaves((args, kwargs))):
             if dims[i] is None and isinstance(t, Tensor) and t.dim() >= 1 and id(t) in self.from_batch:
                 self.unfollowed.add(id(module))
+            if dims[i] is not None and id(t) in self.regathered:  # gathered rows that happen to number B
+                self.unfollowed.add(id(module))
+                self.misread.add(id(module))
             if isinstance(dims[i], int) and id(t) not in self.from_batch and not _same_along(t, dims[i]):
                 # its size happens to be B, but it is not computed from the batch and its slices differ:
                 # positions or relative-position buckets [T, ...] with T == B
@@ -367,7 +414,7 @@ class UsageProbe(TorchFunctionMode):
             for p in m._parameters.values():
                 if p is not None:
                     registrants[id(p)].append(m)
-        plan = Plan(shared_leaves=self.shared_leaves, unfollowed=self.unfollowed)
+        plan = Plan(shared_leaves=self.shared_leaves, unfollowed=self.unfollowed, misread=self.misread)
         for p in params.values():
             regs = registrants[id(p)]
             _assign_to_registrants(plan, regs if len(regs) == 1 else _minimal_registrants(self.model, p), p)
@@ -378,7 +425,9 @@ class UsageProbe(TorchFunctionMode):
         expand_ids = self.expandable - self.ineligible if expand and self.mode == "global" else set()
         if self.mode == "global":
             self.ineligible |= self.expandable - expand_ids
-        plan = Plan(shared_leaves=self.shared_leaves, expand=expand_ids, unfollowed=self.unfollowed)
+        plan = Plan(
+            shared_leaves=self.shared_leaves, expand=expand_ids, unfollowed=self.unfollowed, misread=self.misread
+        )
         for name, p in params.items():
             stacks = self.reads.get(name)
             if not stacks:
