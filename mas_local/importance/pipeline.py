@@ -195,7 +195,7 @@ def reduce_captured(est, out: Tensor, sites: list[Site], batch: Any = None, stre
             raise Replan
     if est.estimator != "batch" and est.batch_samples > 1:
         for s in sites:
-            if (not s.batched and id(s.module) in est.plan.unfollowed) or id(s.module) in est.plan.misread:
+            if est.plan.rows_unfollowed(id(s.module), s.batched):
                 raise LayoutError(
                     f"module '{s.path}' ({type(s.module).__name__}) gets rows computed from the batch whose "
                     "samples its tensors' sizes do not show (gathered tokens, windows or heads folded into the "

@@ -105,6 +105,11 @@ class Plan:
     def modules(self) -> list[nn.Module]:
         return [s.module for s in self.sites.values()]
 
+    def rows_unfollowed(self, module_id: int, batched: bool) -> bool:
+        """Whether a call of this module gets rows whose samples its sizes misstate: an unbatched-looking call of
+        an ``unfollowed`` module, or any call of a ``misread`` one."""
+        return (not batched and module_id in self.unfollowed) or module_id in self.misread
+
     def assignments(self) -> frozenset:
         """Which module computes which parameter under which rule and name, whatever the order they were found."""
         return frozenset(
@@ -307,8 +312,11 @@ class UsageProbe(TorchFunctionMode):
             return out
         outs = [t for t in flat_leaves(out) if isinstance(t, Tensor)]
         if derived:
+            regathered = self.regathered
             gathered = _gathers_rows(func, args, kwargs) or (
-                not _scatters(func) and any(id(t) in self.regathered for t in flat_leaves((args, kwargs)))
+                bool(regathered)
+                and not _scatters(func)
+                and any(id(t) in regathered for t in flat_leaves((args, kwargs)))
             )
             for t in outs:
                 self._mark_from_batch(t)

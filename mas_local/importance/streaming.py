@@ -86,8 +86,7 @@ class Streamer:
             self.failed = f"module '{site.path}' was called more often than on the planning batch"
         if self.failed is not None or not (self.all_hebbian(mid) or self._read_once(mid)):
             return False
-        plan = est.plan
-        if est.batch_samples > 1 and ((not site.batched and mid in plan.unfollowed) or mid in plan.misread):
+        if est.batch_samples > 1 and est.plan.rows_unfollowed(mid, site.batched):
             self.failed = f"module '{site.path}' gets rows whose samples cannot be told apart"
             return False
         counter, ride = est.read_counter, self.ride
